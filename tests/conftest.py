@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random models built from configs (no downloads) and generated videos."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory):
+    from workers.stllm.tiny import tiny_composed
+
+    return tiny_composed(tmp_path_factory.mktemp("tiny-composed"))
+
+
+@pytest.fixture()
+def tiny_model(tiny_spec):
+    import torch
+
+    from workers.stllm.io import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_spec, device="cpu", dtype="fp32").eval()

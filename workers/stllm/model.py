@@ -1,0 +1,373 @@
+"""ST-LLM: every spatio-temporal token goes into the LLM (Liu et al., ECCV 2024).
+
+    frames (B, T, 3, S, S) -> backbone -> tokens (B, T, K, D)
+    global-local: local frames + up(relu(down(mean over all frames)))   (up zero-initialised)
+    flatten frame-major -> (B, T*K, D), video first, then the prompt text; 1-D positions 0..N-1
+    training: dynamic masking drops a random share rho of video tokens (order kept),
+              loss = CE(answer tokens) + w * MVM(student hidden at kept tokens vs no-grad teacher)
+
+The four method pieces are the short named functions below: ``fuse_global_local`` (in
+:class:`GlobalLocalFusion`), ``sample_mask_ratio`` + ``keep_positions`` (dynamic masking) and ``mvm_loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workers.stllm.backbones import Backbone
+from workers.stllm.video import preprocess_frames
+
+IGNORE = -100
+
+
+@dataclass
+class STLLMConfig:
+    """Method settings. Defaults follow the paper's code (notes/stllm-method.md)."""
+
+    global_bottleneck: int = 1024
+    mask_mean: float = 0.5
+    mask_std: float = 0.1
+    mask_min: float = 0.1
+    mask_max: float = 0.7
+    mvm_weight: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+# ----------------------------------------------------------------------------------- method pieces
+
+
+class GlobalLocalFusion(nn.Module):
+    """local + up(relu(down(g))), g = mean over all frames. ``up`` starts at zero, so at initialisation the
+    fused input is exactly the plain local input, whatever the global frames."""
+
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, local: torch.Tensor, global_mean: torch.Tensor) -> torch.Tensor:
+        # local (B, T, K, D); global_mean (B, K, D) -> (B, T, K, D)
+        return local + self.up(F.relu(self.down(global_mean))).unsqueeze(1)
+
+
+def sample_mask_ratio(cfg: STLLMConfig, generator: torch.Generator | None = None) -> float:
+    """One masking ratio per batch: rho ~ N(mean, std), clipped to [min, max]."""
+    rho = cfg.mask_mean + cfg.mask_std * float(torch.randn(1, generator=generator))
+    return min(max(rho, cfg.mask_min), cfg.mask_max)
+
+
+def keep_positions(
+    batch: int, length: int, rho: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, n_keep) sorted indices of the video tokens each sample keeps; n_keep = L - int(rho * L), the
+    same count for every sample, each with its own random positions. Sorting keeps frame order."""
+    n_keep = length - int(rho * length)
+    scores = torch.rand(batch, length, generator=generator)
+    return scores.topk(n_keep, dim=1).indices.sort(dim=1).values
+
+
+def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) gathered at (B, n) positions -> (B, n, D)."""
+    return tokens.gather(1, keep.to(tokens.device).unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+class MVMHead(nn.Module):
+    """Linear + LayerNorm on the student's hidden states before they are compared to the teacher's."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+def mvm_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean of 2 - 2 cos(student, teacher) over tokens: 0 when they align, 4 when opposite."""
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    return (2 - 2 * (s * t).sum(-1)).mean()
+
+
+# ----------------------------------------------------------------------------------- the model
+
+
+class STLLM(nn.Module):
+    """A backbone under the ST-LLM method, plus LoRA on its language model.
+
+    Holds the trainable parts that are not LoRA: the backbone's projector/connector, the global-local
+    fusion MLP and the MVM head. ``compute_dtype`` (bf16 or fp32) is used through autocast on CUDA and
+    on CPUs with bf16 matrix units; weights stay fp32 unless :meth:`cast` is called.
+    """
+
+    def __init__(self, backbone: Backbone, config: STLLMConfig | None = None):
+        super().__init__()
+        self.config = config or STLLMConfig()
+        self.backbone = backbone
+        dim = backbone.hidden_size
+        self.fusion = GlobalLocalFusion(dim, min(self.config.global_bottleneck, dim))
+        self.mvm_head = MVMHead(dim)
+        self.lm = backbone.decoder  # replaced by a peft model when LoRA is attached
+        self.compute_dtype = torch.float32
+        self.version = "base"
+        head, tail = backbone.prompt_parts()
+        self.prompt_head, self.prompt_tail = head, tail
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.lm_head.weight.device
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Non-LoRA modules that training updates and a model directory saves."""
+        return {**self.backbone.trainable_modules(), "fusion": self.fusion, "mvm_head": self.mvm_head}
+
+    def attach_lora(self) -> None:
+        """Wrap the LM decoder with fresh LoRA adapters (peft); the base weights stay frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        if hasattr(self.lm, "peft_config"):
+            return
+        c = self.config
+        lora = LoraConfig(
+            r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=c.lora_targets
+        )
+        self.lm = get_peft_model(self.backbone.decoder, lora)
+
+    def load_lora(self, adapter_dir: str) -> None:
+        from peft import PeftModel
+
+        self.lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids.to(self.device))
+
+    # ------------------------------------------------------------------ video tokens
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder features (N, K, Dv) for preprocessed frames (N, 3, S, S): cache these."""
+        with torch.no_grad(), self.autocast():
+            return self.backbone.vision_features(pixels.to(self.device)).float()
+
+    def frame_features(self, frames: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) -> frozen encoder features (T, K, Dv), encoded ``chunk`` frames at a time."""
+        bb = self.backbone
+        parts = []
+        for i in range(0, frames.shape[0], chunk):
+            pixels = preprocess_frames(frames[i : i + chunk], bb.image_size, bb.image_mean, bb.image_std)
+            parts.append(self.vision_features(pixels))
+        return torch.cat(parts)
+
+    def video_tokens(self, local: torch.Tensor, global_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame features -> the video's LLM input, frame-major.
+
+        local: (B, T, K, Dv) features of the frames kept at full tokens; global_frames: (B, Tg, K, Dv) features
+        of all frames the global part pools over (None: no global part). Returns (B, T*K, D).
+        """
+        b, t = local.shape[:2]
+        tokens = self.backbone.project(local.flatten(0, 1))  # (B*T, K, D): K may differ from the feature count
+        tokens = tokens.view(b, t, *tokens.shape[1:])
+        if global_frames is not None:
+            g = self.backbone.project(global_frames.mean(1))  # mean over frames, then project: (B, K, D)
+            tokens = self.fusion(tokens, g)
+        return tokens.flatten(1, 2)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(
+        self,
+        video: torch.Tensor,
+        text_ids: torch.Tensor,
+        labels: torch.Tensor,
+        text_mask: torch.Tensor,
+        masking: bool = True,
+        mvm: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """ST-LLM's training objective for a batch.
+
+        video: (B, L, D) from :meth:`video_tokens`; text_ids/labels/text_mask: (B, S) right-padded text after
+        the video, labels IGNORE except on answer tokens. With ``masking`` a share rho of video tokens is
+        dropped (one rho per batch); with ``mvm`` too, a no-grad teacher pass on the full input supervises the
+        student's hidden states at the kept video tokens. Returns loss, ce, mvm (0 when off) and rho.
+        """
+        device = self.device
+        b, length, _ = video.shape
+        text_ids, labels, text_mask = text_ids.to(device), labels.to(device), text_mask.to(device)
+        text = self.embed(text_ids)
+        rho = sample_mask_ratio(self.config, generator) if masking else 0.0
+        keep = keep_positions(b, length, rho, generator) if masking else None
+        student_video = gather_tokens(video, keep) if masking else video
+        n_vid = student_video.shape[1]
+        with self.autocast():
+            inputs = torch.cat([student_video, text.to(student_video.dtype)], 1)
+            mask = torch.cat([torch.ones(b, n_vid, dtype=text_mask.dtype, device=device), text_mask], 1)
+            hidden = self.lm(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+            ce = self._answer_ce(hidden[:, n_vid - 1 :], labels)
+            mvm_term = torch.zeros((), device=device)
+            if masking and mvm and self.config.mvm_weight > 0:
+                with torch.no_grad():
+                    full = torch.cat([video, text.to(video.dtype)], 1)
+                    full_mask = torch.cat(
+                        [torch.ones(b, length, dtype=text_mask.dtype, device=device), text_mask], 1
+                    )
+                    teacher = self.lm(inputs_embeds=full, attention_mask=full_mask).last_hidden_state[
+                        :, :length
+                    ]
+                    teacher = gather_tokens(teacher, keep)
+                mvm_term = mvm_loss(self.mvm_head(hidden[:, :n_vid]), teacher)
+        loss = ce + self.config.mvm_weight * mvm_term
+        return {"loss": loss, "ce": ce.detach(), "mvm": mvm_term.detach(), "rho": torch.tensor(rho)}
+
+    def _answer_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the answer tokens. hidden[:, i] predicts labels[:, i] (hidden starts one position
+        before the text). The LM head runs only where a label is set: a 49k vocabulary over every position
+        would dominate the step."""
+        hidden = hidden[:, : labels.shape[1]]
+        where = labels != IGNORE
+        logits = self.backbone.lm_head(hidden[where])
+        return F.cross_entropy(logits.float(), labels[where])
+
+    # ------------------------------------------------------------------ scoring and generation
+    @torch.inference_mode()
+    def prefix(self, video: torch.Tensor):
+        """Forward the shared prefix (video + prompt head) once. Returns (cache, last-position log-probs (B, V))."""
+        b = video.shape[0]
+        head = (
+            torch.tensor([self.text_ids(self.prompt_head)] * b, dtype=torch.long)
+            if self.prompt_head
+            else None
+        )
+        with self.autocast():
+            inputs = video.to(self.device)
+            if head is not None:
+                inputs = torch.cat([inputs, self.embed(head).to(inputs.dtype)], 1)
+            out = self.lm(inputs_embeds=inputs, use_cache=True)
+            last = self.backbone.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
+        return out.cache, last, inputs.shape[1]
+
+    @torch.inference_mode()
+    def score(self, video: torch.Tensor, queries: list[str], candidates: list[str]) -> torch.Tensor:
+        """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
+
+        The video + prompt head is computed once per video (KV cache); every (query, candidate) continuation
+        then runs as one batch over the expanded cache. Candidates that are single tokens (the yes/no case)
+        are read off the query's last position, so that case needs one row per query, not per candidate.
+        """
+        b = video.shape[0]
+        q_ids = [self.text_ids(q + self.prompt_tail) for q in queries]
+        c_ids = [self.text_ids(self.backbone.answer_text(c)) for c in candidates]
+        if any(len(q) == 0 for q in q_ids):
+            raise ValueError("every query needs at least one token")
+        single = all(len(c) == 1 for c in c_ids)
+        rows = [q for q in q_ids] if single else [q + c for q in q_ids for c in c_ids]
+        cache, _, plen = self.prefix(video)
+        n = len(rows)
+        cache.batch_repeat_interleave(n)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((b * n, width), pad, dtype=torch.long)
+        mask = torch.zeros(b * n, plen + width, dtype=torch.long)
+        mask[:, :plen] = 1
+        for i, r in enumerate(rows * b):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, plen : plen + len(r)] = 1
+        positions = (plen + torch.arange(width)).unsqueeze(0).expand(b * n, -1)
+        with self.autocast():
+            out = self.lm(
+                inputs_embeds=self.embed(ids),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                cache=cache,
+                use_cache=True,
+            )
+        hidden = out.last_hidden_state  # (b*n, width, D)
+        if single:
+            last = torch.tensor([len(q) - 1 for q in q_ids] * b)
+            h = hidden[torch.arange(b * n), last.to(hidden.device)]
+            logp = self.backbone.lm_head(h).float().log_softmax(-1)  # (b*n, V)
+            cand = torch.tensor([c[0] for c in c_ids], device=logp.device)
+            return logp[:, cand].view(b, len(queries), len(candidates)).cpu()
+        # Multi-token candidates: row (q, c) scores c's tokens at positions len(q)-1 .. len(q)+len(c)-2.
+        scores = torch.zeros(b * n)
+        for i in range(b * n):
+            qi, ci = divmod(i % n, len(c_ids))
+            start, c = len(q_ids[qi]) - 1, c_ids[ci]
+            logp = self.backbone.lm_head(hidden[i, start : start + len(c)]).float().log_softmax(-1)
+            scores[i] = logp.gather(1, torch.tensor(c, device=logp.device).unsqueeze(1)).sum()
+        return scores.view(b, len(queries), len(candidates))
+
+    @torch.inference_mode()
+    def score_naive(self, video: torch.Tensor, queries: list[str], candidates: list[str]) -> torch.Tensor:
+        """Reference for :meth:`score`: one full forward per (video, query, candidate), no cache."""
+        b = video.shape[0]
+        out = torch.zeros(b, len(queries), len(candidates))
+        head = self.text_ids(self.prompt_head)
+        for bi in range(b):
+            for qi, q in enumerate(queries):
+                for ci, c in enumerate(candidates):
+                    context = head + self.text_ids(q + self.prompt_tail)
+                    cand = self.text_ids(self.backbone.answer_text(c))
+                    ids = torch.tensor([context + cand])
+                    with self.autocast():
+                        x = torch.cat(
+                            [video[bi : bi + 1].to(self.device), self.embed(ids).to(video.dtype)], 1
+                        )
+                        hidden = self.lm(inputs_embeds=x).last_hidden_state[0]
+                    start = video.shape[1] + len(context) - 1
+                    logp = self.backbone.lm_head(hidden[start : start + len(cand)]).float().log_softmax(-1)
+                    out[bi, qi, ci] = logp.gather(
+                        1, torch.tensor(cand, device=logp.device).unsqueeze(1)
+                    ).sum()
+        return out
+
+    @torch.inference_mode()
+    def generate(self, video: torch.Tensor, question: str, max_new_tokens: int = 48) -> list[str]:
+        """Greedy free-text answers to ``question`` for each video in the batch (B, L, D)."""
+        b = video.shape[0]
+        cache, _, plen = self.prefix(video)
+        q = torch.tensor([self.text_ids(question + self.prompt_tail)] * b)
+        eos = self.tokenizer.eos_token_id
+        done = torch.zeros(b, dtype=torch.bool)
+        answers: list[list[int]] = [[] for _ in range(b)]
+        step_ids, pos = q, plen
+        with self.autocast():
+            for _ in range(max_new_tokens):
+                n = step_ids.shape[1]
+                positions = (pos + torch.arange(n)).unsqueeze(0).expand(b, -1).to(self.device)
+                out = self.lm(
+                    inputs_embeds=self.embed(step_ids), position_ids=positions, cache=cache, use_cache=True
+                )
+                pos += n
+                nxt = self.backbone.lm_head(out.last_hidden_state[:, -1]).argmax(-1).cpu()
+                for i in range(b):
+                    if not done[i]:
+                        if int(nxt[i]) == eos:
+                            done[i] = True
+                        else:
+                            answers[i].append(int(nxt[i]))
+                if bool(done.all()):
+                    break
+                step_ids = nxt.unsqueeze(1)
+        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
