@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def _plan(spec: LineVideoSpec, rng: np.random.Generator):
     while t < d:
         defective = rng.random() < 0.3
         shape = str(rng.choice(["square", "circle", "triangle"]))
-        colour = DEFECT_COLOUR if defective and rng.random() < 0.6 else GOOD_COLOURS[rng.integers(len(GOOD_COLOURS))]
+        colour = (
+            DEFECT_COLOUR
+            if defective and rng.random() < 0.6
+            else GOOD_COLOURS[rng.integers(len(GOOD_COLOURS))]
+        )
         parts.append(_Part(t, speed, shape, colour, defective))
         # gaps sometimes long enough to leave the line empty
         t += rng.uniform(1.0, 3.0) if rng.random() < 0.7 else rng.uniform(4.0, 7.0)
@@ -136,7 +141,9 @@ def render_frame(spec: LineVideoSpec, plan, t: float) -> np.ndarray:
     return img
 
 
-def _runs(mask: np.ndarray, times: np.ndarray, label: str, spec: LineVideoSpec, n_frames: int) -> list[Segment]:
+def _runs(
+    mask: np.ndarray, times: np.ndarray, label: str, spec: LineVideoSpec, n_frames: int
+) -> list[Segment]:
     out = []
     i = 0
     dt = 1.0 / spec.fps
@@ -145,7 +152,9 @@ def _runs(mask: np.ndarray, times: np.ndarray, label: str, spec: LineVideoSpec, 
             j = i
             while j + 1 < len(mask) and mask[j + 1]:
                 j += 1
-            out.append(Segment(label, round(float(times[i]), 4), round(float(times[j] + dt), 4), i + 1, j + 1, 1.0))
+            out.append(
+                Segment(label, round(float(times[i]), 4), round(float(times[j] + dt), 4), i + 1, j + 1, 1.0)
+            )
             i = j + 1
         else:
             i += 1
@@ -213,6 +222,7 @@ def generate_dataset(
     fps: float = 10.0,
     width: int = 160,
     height: int = 120,
+    progress: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Write ``n_videos`` videos (seeds ``seed..seed+n-1``) and ``ground_truth.jsonl`` into ``directory``.
 
@@ -236,6 +246,8 @@ def generate_dataset(
                 "segments": [s.to_dict() for s in segs],
             }
         )
+        if progress:
+            progress(records[-1])
     with open(directory / "ground_truth.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -67,10 +67,16 @@ def build_model(
     dtype: str | None = None,
 ) -> STLLM:
     """A fresh ST-LLM over a backbone: 'builtin', a SmolVLM2 hub id or path, or a spec dict.
-    The trainable parts start from their initialisation (projector random unless the backbone has one)."""
+    The trainable parts start from a fixed-seed initialisation, so a fresh model is the same everywhere;
+    its version is '<name>@base'."""
     _quiet_transformers()
     spec = resolve_spec(model)
-    stllm = STLLM(build_backbone(spec), config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(
+            0
+        )  # the fresh trainable parts (e.g. builtin's projector) are the same in every process
+        stllm = STLLM(build_backbone(spec), config)
+    stllm.version = f"{model}@base" if isinstance(model, str) else f"{spec['kind']}@base"
     dev, dt = choose_device(device, dtype)
     stllm.to(dev)
     stllm.compute_dtype = dt
@@ -109,8 +115,7 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 def load_model(
     directory_or_name: str | os.PathLike, device: str | None = None, dtype: str | None = None
 ) -> STLLM:
-    """Load a saved model directory, or build a fresh one from a name ('builtin', a SmolVLM2 hub id or path).
-    A fresh ``builtin`` has a random projector: seed torch first for reproducible base outputs."""
+    """Load a saved model directory, or build a fresh one from a name ('builtin', a SmolVLM2 hub id or path)."""
     if not is_model_dir(directory_or_name):
         return build_model(str(directory_or_name), device=device, dtype=dtype)
     directory = Path(directory_or_name)

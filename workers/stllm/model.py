@@ -187,7 +187,9 @@ class STLLM(nn.Module):
         of all frames the global part pools over (None: no global part). Returns (B, T*K, D).
         """
         b, t = local.shape[:2]
-        tokens = self.backbone.project(local.flatten(0, 1))  # (B*T, K, D): K may differ from the feature count
+        tokens = self.backbone.project(
+            local.flatten(0, 1)
+        )  # (B*T, K, D): K may differ from the feature count
         tokens = tokens.view(b, t, *tokens.shape[1:])
         if global_frames is not None:
             g = self.backbone.project(global_frames.mean(1))  # mean over frames, then project: (B, K, D)

@@ -98,7 +98,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             path=str(path),
             fps=fps,
             n_frames=len(pts_arr),
-            duration=duration,
+            duration=round(duration, 6),
             width=stream.codec_context.width,
             height=stream.codec_context.height,
             variable_frame_rate=vfr,

@@ -1,0 +1,274 @@
+"""The two things users ask of the model, as plain functions over a loaded model.
+
+``prelabel_videos``: videos + an event vocabulary -> per-label segments with scores.
+``ask_videos``: videos + a question -> an answer, P(yes) for yes/no questions, and the best-matching moment.
+
+Each video is decoded once (the frames of every window plus the global frames, by seeking), encoded
+once by the frozen vision encoder, and every window is one ST-LLM input: its own frames at full tokens
+(local) + the whole video's pooled tokens (global). All labels are scored after one shared video prefix
+(KV cache), windows in batches. The next video is decoded in a background thread while this one computes.
+A video that fails yields a result with ``error`` set; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from workers.events import segments_from_probabilities, windows
+from workers.schemas import (
+    AskResult,
+    AskSettings,
+    EventLabel,
+    Moment,
+    PrelabelResult,
+    PrelabelSettings,
+    VideoMeta,
+    is_yes_no_question,
+)
+from workers.stllm.model import STLLM
+from workers.stllm.video import VideoError, VideoInfo, probe, read_frames, segment_times
+from workers.timecodes import seconds_to_frames
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class DecodedVideo:
+    """Frames of one video, sampled for windowed inference."""
+
+    info: VideoInfo
+    spans: list[tuple[float, float]]  # windows, seconds
+    frames: torch.Tensor  # uint8 (N, H, W, 3): all distinct sampled frames
+    window_index: torch.Tensor  # (W, F) indices into frames
+    global_index: torch.Tensor  # (G,) indices into frames
+
+
+def _decode_windows(
+    path: str, window_s: float, stride_s: float, per_window: int, n_global: int, max_side: int
+) -> DecodedVideo:
+    info = probe(path)
+    spans = windows(info.duration, window_s, stride_s)
+    wanted = [segment_times(s, e, per_window) for s, e in spans]
+    global_times = segment_times(0.0, info.duration, n_global) if n_global else []
+
+    # Frames are identified by number, so windows that share a frame decode it once.
+    def frame_no(t: float) -> int:
+        return min(int(t * info.fps), info.n_frames - 1)
+
+    numbers = sorted({frame_no(t) for ts in wanted for t in ts} | {frame_no(t) for t in global_times})
+    where = {n: i for i, n in enumerate(numbers)}
+    frames = read_frames(path, [(n + 0.5) / info.fps for n in numbers], max_side=max_side)
+    return DecodedVideo(
+        info=info,
+        spans=spans,
+        frames=frames,
+        window_index=torch.tensor([[where[frame_no(t)] for t in ts] for ts in wanted]),
+        global_index=torch.tensor([where[frame_no(t)] for t in global_times], dtype=torch.long),
+    )
+
+
+def prefetch(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R | Exception]]:
+    """Yield (item, fn(item)) in order, computing the next item's fn in a background thread meanwhile.
+    An exception from fn is yielded in place of its result."""
+
+    def safe(item: T) -> R | Exception:
+        try:
+            return fn(item)
+        except Exception as e:  # handed to the caller, which records it for this item alone
+            return e
+
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(safe, items[0]) if items else None
+        for i, item in enumerate(items):
+            result = pending.result()
+            pending = pool.submit(safe, items[i + 1]) if i + 1 < len(items) else None
+            yield item, result
+
+
+def _meta(info: VideoInfo) -> VideoMeta:
+    return VideoMeta(
+        fps=info.fps,
+        n_frames=info.n_frames,
+        duration=info.duration,
+        variable_frame_rate=info.variable_frame_rate,
+    )
+
+
+def _error_text(e: Exception) -> str:
+    return str(e) if isinstance(e, VideoError) else f"{e.__class__.__name__}: {e}"
+
+
+def _max_side(model: STLLM) -> int:
+    # decode at about twice the encoder's input size: enough for its resize + crop, far cheaper than full HD
+    return 2 * model.backbone.image_size
+
+
+@torch.inference_mode()
+def window_probabilities(
+    model: STLLM, decoded: DecodedVideo, questions: Sequence[str], batch: int
+) -> np.ndarray:
+    """P(yes) of each question in each window: (W, Q). Yes/no are normalised against each other."""
+    features = model.frame_features(decoded.frames)  # (N, K, Dv)
+    global_feats = features[decoded.global_index].unsqueeze(0) if len(decoded.global_index) else None
+    out = []
+    for i in range(0, len(decoded.window_index), batch):
+        idx = decoded.window_index[i : i + batch]  # (b, F)
+        local = features[idx]  # (b, F, K, Dv)
+        g = global_feats.expand(len(idx), -1, -1, -1) if global_feats is not None else None
+        video = model.video_tokens(local, g)
+        logp = model.score(video, list(questions), ["yes", "no"])  # (b, Q, 2)
+        out.append(logp.softmax(-1)[..., 0])
+    return torch.cat(out).numpy()
+
+
+def prelabel_videos(
+    model: STLLM,
+    videos: Sequence[str],
+    labels: Sequence[EventLabel],
+    settings: PrelabelSettings | None = None,
+    progress: Callable[[PrelabelResult], None] | None = None,
+) -> list[PrelabelResult]:
+    """Pre-label events on each video. One result per video, in order; a failed video has ``error`` set.
+
+    ``progress`` is called with each result as soon as it is ready (for progress bars and sinks).
+    """
+    s = settings or PrelabelSettings()
+    questions = [label.question() for label in labels]
+    results = []
+
+    def decode(path: str) -> DecodedVideo:
+        return _decode_windows(
+            path, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, _max_side(model)
+        )
+
+    for path, decoded in prefetch(videos, decode):
+        try:
+            if isinstance(decoded, Exception):
+                raise decoded
+            info = decoded.info
+            probs = window_probabilities(model, decoded, questions, s.window_batch)
+            cores = _window_cores(decoded.spans, s.stride_s, info.duration)
+            segments = []
+            for j, label in enumerate(labels):
+                segments += segments_from_probabilities(
+                    label.name,
+                    cores,
+                    probs[:, j],
+                    info.fps,
+                    info.n_frames,
+                    high=s.high,
+                    low=s.low,
+                    smoothing=s.smoothing,
+                    min_duration=s.min_duration_s,
+                )
+            result = PrelabelResult(
+                video=str(path),
+                model_version=model.version,
+                segments=[seg.to_dict() for seg in segments],
+                meta=_meta(info),
+                windows=decoded.spans,
+                window_probs={
+                    label.name: [round(float(p), 5) for p in probs[:, j]] for j, label in enumerate(labels)
+                },
+            )
+        except Exception as e:  # one bad video fails alone, with the file and the reason
+            log.warning("pre-label failed for %s: %s", path, _error_text(e))
+            result = PrelabelResult(video=str(path), model_version=model.version, error=_error_text(e))
+        results.append(result)
+        if progress:
+            progress(result)
+    return results
+
+
+def _window_cores(
+    spans: list[tuple[float, float]], stride: float, duration: float
+) -> list[tuple[float, float]]:
+    """The part of time each window stands for: ``stride`` seconds around its centre, so that consecutive
+    windows tile the video and a run of 'on' windows maps to a tight segment."""
+    if len(spans) == 1:
+        return [(0.0, duration)]
+    mids = [(s + e) / 2 for s, e in spans]
+    bounds = [0.0] + [(a + b) / 2 for a, b in zip(mids, mids[1:], strict=False)] + [duration]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _yes_no_form(question: str) -> str:
+    if is_yes_no_question(question):
+        return question
+    return f"Is this clip relevant to the question '{question}'? Answer yes or no."
+
+
+def ask_videos(
+    model: STLLM,
+    videos: Sequence[str],
+    question: str,
+    settings: AskSettings | None = None,
+    progress: Callable[[AskResult], None] | None = None,
+) -> list[AskResult]:
+    """Answer ``question`` over each video: free text (greedy), P(yes) for yes/no questions, and the window
+    that best matches it (highest P(yes) of the question, or of 'is this clip relevant to it')."""
+    if not question or not question.strip():
+        raise ValueError("the question is empty")
+    s = settings or AskSettings()
+    probe_question = _yes_no_form(question)
+    results = []
+
+    def decode(path: str) -> DecodedVideo:
+        return _decode_windows(
+            path,
+            s.window_s,
+            s.stride_s,
+            s.frames_per_window,
+            max(s.global_frames, s.frames),
+            _max_side(model),
+        )
+
+    for path, decoded in prefetch(videos, decode):
+        try:
+            if isinstance(decoded, Exception):
+                raise decoded
+            info = decoded.info
+            features = model.frame_features(decoded.frames)
+            all_frames = features[decoded.global_index]  # (G, K, Dv), uniform over the video
+            g = len(all_frames)
+            seg = g / s.frames
+            local_idx = [min(g - 1, int(seg / 2 + round(seg * i))) for i in range(s.frames)]  # ST-LLM's pick
+            whole = model.video_tokens(all_frames[local_idx].unsqueeze(0), all_frames.unsqueeze(0))
+            answer = model.generate(whole, question, max_new_tokens=s.max_new_tokens)[0]
+            p_yes = None
+            if is_yes_no_question(question):
+                p_yes = float(model.score(whole, [question], ["yes", "no"]).softmax(-1)[0, 0, 0])
+            probs = window_probabilities(model, decoded, [probe_question], batch=32)[:, 0]
+            best = int(np.argmax(probs))
+            start, end = decoded.spans[best]
+            first, last = seconds_to_frames(start, end, info.fps, info.n_frames)
+            result = AskResult(
+                video=str(path),
+                question=question,
+                model_version=model.version,
+                answer=answer,
+                p_yes=p_yes,
+                moment=Moment(
+                    start_s=start, end_s=end, first_frame=first, last_frame=last, score=float(probs[best])
+                ),
+                meta=_meta(info),
+            )
+        except Exception as e:
+            log.warning("ask failed for %s: %s", path, _error_text(e))
+            result = AskResult(
+                video=str(path), question=question, model_version=model.version, error=_error_text(e)
+            )
+        results.append(result)
+        if progress:
+            progress(result)
+    return results
