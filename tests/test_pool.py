@@ -1,0 +1,267 @@
+"""The Celery pool against a real redis-server and real `celery worker` processes (tiny model).
+
+The broker URL is set before ``workers.app`` is first imported: Celery reads it once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = _free_port()
+os.environ["STLLM_BROKER_URL"] = f"redis://127.0.0.1:{PORT}/0"
+os.environ["STLLM_VISIBILITY_TIMEOUT"] = "6"
+os.environ["STLLM_RESTORE_INTERVAL"] = "1"
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+
+from workers import client  # noqa: E402
+from workers.linevideo import generate_dataset  # noqa: E402
+from workers.sinks import JsonlSink  # noqa: E402
+
+
+class Redis:
+    """A private redis-server on a free loopback port, persisting to its own folder (AOF) so that a
+    restart keeps the queued tasks."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(PORT),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", PORT), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_spec, tmp_path_factory):
+    import torch
+
+    from workers.stllm.io import build_model, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    save_model(build_model(tiny_spec, device="cpu"), path, version="tiny@base")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v")
+    good = [r["video"] for r in generate_dataset(d, 6, seed=40, duration=6.0)]
+    bad = d / "corrupt.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 4)
+    return good, str(bad)
+
+
+@pytest.fixture(scope="module")
+def long_videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    return [r["video"] for r in generate_dataset(d, 3, seed=90, duration=60.0)]
+
+
+class Worker:
+    def __init__(self, name: str, model_dir: str, log: Path, extra_env: dict | None = None):
+        env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
+        self.log = log
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "1",
+                "--pool-start-method=spawn",
+                "-Q",
+                "ask,prelabel",
+                "-n",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "INFO",
+            ],
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if "ready." in text and "serves" in text:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker died:\n{text}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture()
+def workers_factory(redis_server, model_dir, tmp_path):
+    started: list[Worker] = []
+
+    def start(name: str, **env) -> Worker:
+        w = Worker(name, model_dir, tmp_path / f"{name}.log", {k: str(v) for k, v in env.items()})
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def test_a_job_runs_on_the_pool_and_a_corrupt_video_fails_alone(workers_factory, videos, tmp_path):
+    good, bad = videos
+    w = workers_factory("w1")
+    w.wait_ready()
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    job = client.submit_prelabel(good[:3] + [bad], ["jam", "hand"], sink=sink.describe(), chunk_size=2)
+    st = client.wait(job, timeout=120, poll=0.2)
+    assert (st.state, st.total, st.done, st.failed) == ("SUCCESS", 4, 3, 1)
+    assert any(bad in e for e in st.errors)
+    rows = sink.read()
+    assert sorted(r["video"] for r in rows) == sorted(good[:3] + [bad])
+    assert {r["model_version"] for r in rows} == {"tiny@base"}
+    assert len(client.results(job)) == 4
+    assert "serves" in w.log.read_text() and "tiny@base" in w.log.read_text()
+
+
+def test_two_workers_share_a_job_completely_without_overlap(workers_factory, videos, tmp_path):
+    good, _ = videos
+    a, b = workers_factory("wa"), workers_factory("wb")
+    a.wait_ready()
+    b.wait_ready()
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    job = client.submit_prelabel(good, ["jam"], sink=sink.describe(), chunk_size=1)
+    assert client.wait(job, timeout=180, poll=0.2).done == len(good)
+    rows = sink.read()
+    assert sorted(r["video"] for r in rows) == sorted(good)
+    served_by = {n for n in ("wa", "wb") if "stllm.prelabel" in (tmp_path / f"{n}.log").read_text()}
+    assert served_by == {"wa", "wb"}
+
+
+def test_a_killed_worker_task_is_redelivered_and_completes_once(workers_factory, long_videos, tmp_path):
+    victim = workers_factory("victim")
+    victim.wait_ready()
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    job = client.submit_prelabel(
+        long_videos, ["jam", "hand", "defect"], sink=sink.describe(), chunk_size=len(long_videos)
+    )
+    deadline = time.monotonic() + 60
+    while client.status(job).state == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.status(job).state == "RUNNING"
+    victim.kill()
+    killed_at = time.monotonic()
+    rescuer = workers_factory("rescuer")
+    rescuer.wait_ready()
+    st = client.wait(job, timeout=120, poll=0.2)
+    assert st.done == len(long_videos)
+    rows = sink.read()
+    assert sorted(r["video"] for r in rows) == sorted(long_videos)  # exactly one result per video
+    assert "stllm.prelabel" in (tmp_path / "rescuer.log").read_text()
+    print(f"SIGKILL to completion elsewhere: {time.monotonic() - killed_at:.1f}s")
+
+
+def test_a_job_survives_a_redis_restart_while_queued(redis_server, workers_factory, videos):
+    good, _ = videos
+    job = client.submit_prelabel(good[:2], ["jam"], chunk_size=1)  # queued: no worker yet
+    redis_server.stop()
+    redis_server.start()
+    w = workers_factory("after-restart")
+    w.wait_ready()
+    assert client.wait(job, timeout=120, poll=0.2).done == 2
+
+
+def test_a_cancelled_job_stops_taking_tasks(workers_factory, videos):
+    good, _ = videos
+    job = client.submit_prelabel(good, ["jam"], chunk_size=1)
+    client.cancel(job)
+    w = workers_factory("wc")
+    w.wait_ready()
+    time.sleep(2.0)
+    st = client.status(job)
+    assert st.state == "CANCELLED" and st.done == 0
+
+
+def test_embedded_default_runs_in_process_without_a_broker(model_dir, videos):
+    good, bad = videos
+    code = (
+        "import json; from workers import client; "
+        f"job = client.submit_prelabel({[good[0], bad]!r}, ['jam'], chunk_size=1); "
+        "st = client.status(job); print(json.dumps([st.state, st.done, st.failed, len(client.results(job))]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STLLM_BROKER")}
+    env.update(STLLM_MODEL=model_dir, STLLM_DTYPE="fp32")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines()[-1] == '["SUCCESS", 1, 1, 2]'

@@ -1,0 +1,69 @@
+"""The Celery app and all its settings, from ``STLLM_*`` environment variables.
+
+    STLLM_BROKER_URL       redis://host:6379/0   (unset: jobs run in the calling process, no servers)
+    STLLM_RESULT_BACKEND   defaults to the broker URL
+    STLLM_MODEL            model a worker serves (default: builtin)
+    STLLM_MODEL_STORE      model store directory (default: ~/.stllm/models)
+    STLLM_TASK_TIME_LIMIT  hard limit of one task in seconds (default 3600); soft limit 90% of it
+
+Queues: ``ask`` and ``prelabel`` (a worker serving both drains ``ask`` first), ``finetune``.
+Settings follow what a GPU pool needs: late acks, prefetch of one, redelivery of a lost worker's task
+(bounded retries so a poison video cannot loop), a visibility timeout above the longest task.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from kombu import Queue
+
+QUEUES = ("ask", "prelabel", "finetune")
+
+
+def broker_url() -> str | None:
+    return os.environ.get("STLLM_BROKER_URL") or None
+
+
+def _config() -> dict:
+    hard = int(os.environ.get("STLLM_TASK_TIME_LIMIT", "3600"))
+    visibility = int(os.environ.get("STLLM_VISIBILITY_TIMEOUT", str(2 * hard)))
+    return dict(
+        broker_url=broker_url() or "memory://",
+        result_backend=os.environ.get("STLLM_RESULT_BACKEND") or broker_url() or "cache+memory://",
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue="prelabel",
+        task_routes={
+            "stllm.prelabel": {"queue": "prelabel"},
+            "stllm.ask": {"queue": "ask"},
+            "stllm.finetune": {"queue": "finetune"},
+        },
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_reject_on_worker_lost=False,
+        task_retry_on_worker_lost=True,
+        task_time_limit=hard,
+        task_soft_time_limit=int(hard * 0.9),
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": int(os.environ.get("STLLM_RESTORE_INTERVAL", "10")),
+            "unacked_restore_throttle": 1,
+            "queue_order_strategy": "priority",
+        },
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_proc_alive_timeout=120,
+        worker_hijack_root_logger=False,
+        task_track_started=True,
+        result_extended=True,
+        result_expires=7 * 24 * 3600,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+    )
+
+
+app = Celery("stllm", include=["workers.tasks"])
+app.conf.update(_config())

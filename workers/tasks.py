@@ -1,0 +1,86 @@
+"""Celery tasks: thin wrappers over the jobs in ``workers.jobs``. The model is loaded once per worker
+process (``worker_process_init``), never per task. Each task handles a few videos of a job, reports
+progress, writes its results through the job's sink and skips its remaining videos once the job is
+cancelled."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery.signals import worker_process_init
+
+from workers.app import app
+from workers.sinks import sink_from
+
+log = logging.getLogger("stllm.worker")
+_model = None
+
+
+def served_model():
+    """The model this process serves, loaded on first use (at process start in a worker)."""
+    global _model
+    if _model is None:
+        from workers.stllm.io import load_model
+
+        name = os.environ.get("STLLM_MODEL", "builtin")
+        _model = load_model(
+            name, device=os.environ.get("STLLM_DEVICE"), dtype=os.environ.get("STLLM_DTYPE", "auto")
+        )
+        log.info("worker pid %d serves %s (version %s)", os.getpid(), name, _model.version)
+    return _model
+
+
+@worker_process_init.connect
+def _load_model_at_start(**_) -> None:
+    served_model()
+
+
+def _cancel_key(job_id: str) -> str:
+    return f"stllm:cancel:{job_id}"
+
+
+def is_cancelled(job_id: str) -> bool:
+    backend = app.backend
+    client = getattr(backend, "client", None)
+    return bool(client is not None and client.get(_cancel_key(job_id)))
+
+
+def _run(task, job_id: str, videos: list[str], sink: dict | None, fn) -> dict:
+    results, done, failed = [], 0, 0
+    out = sink_from(sink)
+    for video in videos:
+        if is_cancelled(job_id):
+            log.info("job %s cancelled: skipping %d videos", job_id, len(videos) - done - failed)
+            break
+        r = fn([video])[0].model_dump(mode="json")
+        if out is not None:
+            out.write([r])
+        results.append(r)
+        failed += r["error"] is not None
+        done += r["error"] is None
+        if task is not None and task.request.id:
+            task.update_state(state="PROGRESS", meta={"done": done, "failed": failed, "total": len(videos)})
+    return {"results": results, "done": done, "failed": failed, "total": len(videos)}
+
+
+@app.task(name="stllm.prelabel", bind=True, max_retries=2)
+def prelabel(
+    self, job_id: str, videos: list[str], labels: list[dict], settings: dict, sink: dict | None = None
+):
+    from workers.jobs import prelabel_videos
+    from workers.schemas import PrelabelSettings, parse_labels
+
+    model = served_model()
+    vocab, s = parse_labels(labels), PrelabelSettings(**settings)
+    return _run(self, job_id, videos, sink, lambda v: prelabel_videos(model, v, vocab, s))
+
+
+@app.task(name="stllm.ask", bind=True, max_retries=2)
+def ask(self, job_id: str, videos: list[str], question: str, settings: dict, sink: dict | None = None):
+    from workers.jobs import ask_videos
+    from workers.schemas import AskSettings
+
+    model = served_model()
+    s = AskSettings(**settings)
+    return _run(self, job_id, videos, sink, lambda v: ask_videos(model, v, question, s))
