@@ -265,3 +265,32 @@ def test_embedded_default_runs_in_process_without_a_broker(model_dir, videos):
     env.update(STLLM_MODEL=model_dir, STLLM_DTYPE="fp32")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines()[-1] == '["SUCCESS", 1, 1, 2]'
+
+
+def test_cli_submits_to_the_pool_when_a_broker_is_configured(workers_factory, videos, model_dir):
+    import json
+
+    good, bad = videos
+    w = workers_factory("wcli")
+    w.wait_ready()
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "prelabel", good[0], bad, "--labels", "jam"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ),
+    )
+    rows = [json.loads(x) for x in out.stdout.splitlines()]
+    assert sorted(r["video"] for r in rows) == sorted([good[0], bad])
+    assert {r["model_version"] for r in rows} == {"tiny@base"}  # made by the pool worker, not in process
+    assert "submitted" in out.stderr
+
+
+def test_one_worker_per_gpu_each_seeing_only_its_gpu():
+    from workers.pool import worker_commands
+
+    cmds = worker_commands(["0", "1"], "prelabel")
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in cmds] == ["0", "1"]
+    assert all("--pool-start-method=spawn" in cmd and "-c" in cmd for cmd, _ in cmds)
+    ((cpu_cmd, cpu_env),) = worker_commands([], "ask,prelabel")
+    assert cpu_env["CUDA_VISIBLE_DEVICES"] == "" and "ask,prelabel" in cpu_cmd

@@ -59,6 +59,29 @@ def _emit(results, out) -> int:
     return ok
 
 
+def _emit_job(job_id: str, total: int) -> int:
+    """Follow a pool job with a progress bar, then print its results as JSON lines."""
+    from tqdm import tqdm
+
+    from workers import client
+
+    print(f"job {job_id} submitted to {os.environ['STLLM_BROKER_URL']}", file=sys.stderr)
+    with tqdm(total=total, desc="job", unit="video", file=sys.stderr) as bar:
+
+        def show(st) -> None:
+            bar.n = st.done + st.failed
+            bar.set_postfix(failed=st.failed, state=st.state)
+            bar.refresh()
+
+        client.wait(job_id, on_progress=show)
+    results = client.results(job_id)
+    for r in results:
+        r.pop("window_probs", None)
+        r.pop("windows", None)
+        sys.stdout.write(json.dumps(r) + "\n")
+    return 0 if any(r["error"] is None for r in results) else 1
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -87,6 +110,10 @@ def cmd_prelabel(args) -> int:
         low=args.low if args.low is not None else min(args.high, 0.4),
         smoothing=args.smoothing,
     )
+    if os.environ.get("STLLM_BROKER_URL"):
+        from workers import client
+
+        return _emit_job(client.submit_prelabel(args.videos, labels, settings), len(args.videos))
     model = _load(args)
     bar, update = _progress(len(args.videos), "pre-label")
     results = prelabel_videos(model, args.videos, labels, settings, progress=update)
@@ -100,6 +127,11 @@ def cmd_ask(args) -> int:
 
     if not args.question.strip():
         raise SystemExit("stllm ask: the question is empty")
+    if os.environ.get("STLLM_BROKER_URL"):
+        from workers import client
+
+        job = client.submit_ask(args.videos, args.question, AskSettings(frames=args.frames))
+        return _emit_job(job, len(args.videos))
     model = _load(args)
     bar, update = _progress(len(args.videos), "ask")
     results = ask_videos(model, args.videos, args.question, AskSettings(frames=args.frames), progress=update)
@@ -147,6 +179,35 @@ def cmd_evaluate(args) -> int:
     report = evaluate(preds, {k: v for k, v in gt.items() if k in preds})
     print(json.dumps(report.to_dict(), indent=2))
     return 0
+
+
+def cmd_worker(args) -> int:
+    from workers.pool import detect_gpus, run_children, start_workers
+
+    if not os.environ.get("STLLM_BROKER_URL"):
+        raise SystemExit("stllm worker: set STLLM_BROKER_URL (e.g. redis://host:6379/0), or use 'stllm up'")
+    os.environ["STLLM_MODEL"] = args.model
+    gpus = args.gpus.split(",") if args.gpus else detect_gpus()
+    logging.warning(
+        "starting %d worker(s) on %s for queues %s", max(1, len(gpus)), gpus or "CPU", args.queues
+    )
+    return run_children(start_workers(gpus, args.queues))
+
+
+def cmd_up(args) -> int:
+    from workers.pool import detect_gpus, run_children, start_redis, start_workers
+
+    redis, url = start_redis(Path(args.state) / "redis", args.port)
+    os.environ["STLLM_BROKER_URL"] = url
+    os.environ["STLLM_MODEL"] = args.model
+    print(f"redis at {url}; export STLLM_BROKER_URL={url} to submit jobs", file=sys.stderr)
+    gpus = args.gpus.split(",") if args.gpus else detect_gpus()
+    children = start_workers(gpus, args.queues)
+    try:
+        return run_children(children)
+    finally:
+        redis.terminate()
+        redis.wait(10)
 
 
 def cmd_demo(args) -> int:
@@ -208,6 +269,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", help="output of 'stllm prelabel'")
     p.add_argument("ground_truth", help="ground_truth.jsonl from 'stllm generate'")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("worker", help="start pool workers: one process per GPU (or one on CPU)")
+    p.add_argument("--gpus", default=None, help="GPU indices, e.g. 0,1 (default: all visible; none: CPU)")
+    p.add_argument("--queues", default="ask,prelabel,finetune", help="queues to serve (default: all)")
+    p.add_argument(
+        "--model", default=os.environ.get("STLLM_MODEL", "builtin"), help="model the workers serve"
+    )
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("up", help="the whole stack on this machine: a private redis-server and the workers")
+    p.add_argument("--gpus", default=None)
+    p.add_argument("--queues", default="ask,prelabel,finetune")
+    p.add_argument("--model", default=os.environ.get("STLLM_MODEL", "builtin"))
+    p.add_argument("--port", type=int, default=6379)
+    p.add_argument("--state", default=".stllm", help="folder for redis data (default .stllm)")
+    p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="generate videos, pre-label them with builtin, and score the result")
     p.add_argument("--workdir", default=".stllm-demo")

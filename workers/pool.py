@@ -1,0 +1,117 @@
+"""Starting the pool: ``stllm worker`` (one worker process per GPU) and ``stllm up`` (a private Redis plus
+the workers on one machine). Children are stopped cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def worker_commands(gpus: list[str], queues: str, name: str = "stllm") -> list[tuple[list[str], dict]]:
+    """One ``celery worker`` per GPU (each sees only its GPU), or one on CPU when ``gpus`` is empty.
+    prefork with a single child started by spawn: the model loads in the child at start, CUDA never
+    crosses a fork."""
+    base = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        "1",
+        "--pool-start-method=spawn",
+        "-Q",
+        queues,
+        "-l",
+        "INFO",
+    ]
+    if not gpus:
+        return [(base + ["-n", f"{name}-cpu@%h"], {"CUDA_VISIBLE_DEVICES": ""})]
+    return [(base + ["-n", f"{name}-gpu{g}@%h"], {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices visible to this machine, without importing torch in this process."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A private redis-server on loopback persisting to ``folder`` (AOF); returns (process, URL)."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+    port = port or _free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError("redis-server did not start")
+
+
+def run_children(children: list[subprocess.Popen]) -> int:
+    """Wait for the children; on Ctrl-C/SIGTERM stop them all (warm shutdown: running tasks finish or,
+    with late acks, go back to the queue)."""
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(signal.SIGTERM)
+    for c in children:
+        try:
+            c.wait(60)
+        except subprocess.TimeoutExpired:
+            c.kill()
+    return max((c.returncode or 0) for c in children)
+
+
+def start_workers(gpus: list[str], queues: str) -> list[subprocess.Popen]:
+    return [subprocess.Popen(cmd, env={**os.environ, **env}) for cmd, env in worker_commands(gpus, queues)]
