@@ -26,3 +26,16 @@ def tiny_model(tiny_spec):
 
     torch.manual_seed(0)
     return build_model(tiny_spec, device="cpu", dtype="fp32").eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_spec, tmp_path_factory) -> str:
+    """A saved tiny model directory, version 'tiny@base' (what --model and STLLM_MODEL take)."""
+    import torch
+
+    from workers.stllm.io import build_model, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(build_model(tiny_spec, device="cpu"), path, version="tiny@base")
+    return str(path)

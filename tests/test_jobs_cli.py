@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ import pytest
 from workers.jobs import ask_videos, prelabel_videos
 from workers.linevideo import generate_dataset
 from workers.schemas import AskSettings, PrelabelSettings, parse_labels
-from workers.stllm.io import save_model
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +21,6 @@ def videos(tmp_path_factory):
     bad = d / "corrupt.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 8)
     return [r["video"] for r in records], str(bad)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_spec, tmp_path_factory):
-    import torch
-
-    from workers.stllm.io import build_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(build_model(tiny_spec, device="cpu"), path, version="tiny@base")
-    return str(path)
 
 
 LABELS = parse_labels(["jam: the conveyor stopped", "hand", "defect"])
@@ -87,9 +75,14 @@ def test_ask_answers_with_p_yes_and_a_moment(tiny_model, videos):
 
 
 def _stllm(*args, check=True):
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, check=check
+    # the embedded default: no broker, whatever another test module configured for the pool
+    env = {k: v for k, v in os.environ.items() if k != "STLLM_BROKER_URL"}
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True, env=env
     )
+    if check and out.returncode != 0:
+        raise AssertionError(f"stllm {' '.join(args)} exited {out.returncode}:\n{out.stderr}")
+    return out
 
 
 def test_cli_prelabel_writes_one_json_line_per_video(model_dir, videos):

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="ne
 
 from workers import client  # noqa: E402
 from workers.linevideo import generate_dataset  # noqa: E402
+from workers.pool import worker_commands  # noqa: E402
 from workers.sinks import JsonlSink  # noqa: E402
 
 
@@ -84,18 +85,6 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_spec, tmp_path_factory):
-    import torch
-
-    from workers.stllm.io import build_model, save_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    save_model(build_model(tiny_spec, device="cpu"), path, version="tiny@base")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("v")
     good = [r["video"] for r in generate_dataset(d, 6, seed=40, duration=6.0)]
@@ -114,32 +103,14 @@ class Worker:
     def __init__(self, name: str, model_dir: str, log: Path, extra_env: dict | None = None):
         env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
         self.log = log
+        self.name = name
+        ((cmd, gpu_env),) = worker_commands([], "ask,prelabel", name=name)  # the command `stllm worker` runs
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.app",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                "1",
-                "--pool-start-method=spawn",
-                "-Q",
-                "ask,prelabel",
-                "-n",
-                f"{name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "INFO",
-            ],
+            cmd + ["--without-gossip", "--without-mingle"],
             stdout=open(log, "w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=env,
+            env={**env, **gpu_env},
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
