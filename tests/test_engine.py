@@ -91,10 +91,10 @@ def _toy_batch(model, n: int, generator: torch.Generator):
     """A learnable toy task: the answer is 'yes' when the video features are positive, else 'no'."""
     signs = torch.randint(0, 2, (n,), generator=generator)
     feats = torch.randn(n, 4, 4, 32, generator=generator).abs() * (signs * 2 - 1).view(n, 1, 1, 1).float()
-    head, tail = model.prompt_head, model.prompt_tail
+    tail = model.prompt_tail
     rows, labels = [], []
     for s in signs.tolist():
-        prompt = model.text_ids(head + "Is it bright?" + tail)
+        prompt = model.text_ids("Is it bright?" + tail)
         answer = model.text_ids(model.backbone.answer_text("yes" if s else "no"))
         rows.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)

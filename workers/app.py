@@ -36,6 +36,7 @@ def _config() -> dict:
         task_routes={
             "stllm.prelabel": {"queue": "prelabel"},
             "stllm.ask": {"queue": "ask"},
+            "stllm.ping": {"queue": "ask"},
             "stllm.finetune": {"queue": "finetune"},
         },
         task_acks_late=True,

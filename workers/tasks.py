@@ -84,3 +84,9 @@ def ask(self, job_id: str, videos: list[str], question: str, settings: dict, sin
     model = served_model()
     s = AskSettings(**settings)
     return _run(self, job_id, videos, sink, lambda v: ask_videos(model, v, question, s))
+
+
+@app.task(name="stllm.ping", bind=True)
+def ping(self) -> dict:
+    """Which model version this worker serves (and a cheap round trip through the pool)."""
+    return {"version": served_model().version, "pid": os.getpid(), "hostname": self.request.hostname}

@@ -113,9 +113,13 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def load_model(
-    directory_or_name: str | os.PathLike, device: str | None = None, dtype: str | None = None
+    directory_or_name: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    trainable: bool = False,
 ) -> STLLM:
-    """Load a saved model directory, or build a fresh one from a name ('builtin', a SmolVLM2 hub id or path)."""
+    """Load a saved model directory, or build a fresh one from a name ('builtin', a SmolVLM2 hub id or path).
+    ``trainable`` loads a LoRA adapter ready to train on (a round continuing from its parent)."""
     if not is_model_dir(directory_or_name):
         return build_model(str(directory_or_name), device=device, dtype=dtype)
     directory = Path(directory_or_name)
@@ -127,7 +131,7 @@ def load_model(
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)
     if (directory / "adapter").is_dir():
-        model.load_lora(str(directory / "adapter"))
+        model.load_lora(str(directory / "adapter"), trainable=trainable)
     model.to(model.device)
     model.version = meta.get("version", "base")
     model.eval()

@@ -2,7 +2,8 @@
 
     frames (B, T, 3, S, S) -> backbone -> tokens (B, T, K, D)
     global-local: local frames + up(relu(down(mean over all frames)))   (up zero-initialised)
-    flatten frame-major -> (B, T*K, D), video first, then the prompt text; 1-D positions 0..N-1
+    flatten frame-major -> (B, T*K, D), video first, then the question; 1-D positions 0..N-1
+    (an instruct LM's chat header, e.g. its system turn, stays in front: [header][video][question][answer])
     training: dynamic masking drops a random share rho of video tokens (order kept),
               loss = CE(answer tokens) + w * MVM(student hidden at kept tokens vs no-grad teacher)
 
@@ -149,10 +150,11 @@ class STLLM(nn.Module):
         )
         self.lm = get_peft_model(self.backbone.decoder, lora)
 
-    def load_lora(self, adapter_dir: str) -> None:
+    def load_lora(self, adapter_dir: str, trainable: bool = False) -> None:
+        """Load a saved LoRA adapter onto the decoder (trainable to continue training it)."""
         from peft import PeftModel
 
-        self.lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=False)
+        self.lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32:
@@ -209,36 +211,38 @@ class STLLM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """ST-LLM's training objective for a batch.
 
-        video: (B, L, D) from :meth:`video_tokens`; text_ids/labels/text_mask: (B, S) right-padded text after
-        the video, labels IGNORE except on answer tokens. With ``masking`` a share rho of video tokens is
+        video: (B, L, D) from :meth:`video_tokens`; text_ids/labels/text_mask: (B, S) right-padded question,
+        prompt tail and answer after the video, labels IGNORE except on answer tokens (the chat header in
+        front of the video is added here). With ``masking`` a share rho of video tokens is
         dropped (one rho per batch); with ``mvm`` too, a no-grad teacher pass on the full input supervises the
         student's hidden states at the kept video tokens. Returns loss, ce, mvm (0 when off) and rho.
         """
         device = self.device
         b, length, _ = video.shape
         text_ids, labels, text_mask = text_ids.to(device), labels.to(device), text_mask.to(device)
+        head = self._head_embeds(b).to(video.dtype)
+        h = head.shape[1]
         text = self.embed(text_ids)
         rho = sample_mask_ratio(self.config, generator) if masking else 0.0
         keep = keep_positions(b, length, rho, generator) if masking else None
         student_video = gather_tokens(video, keep) if masking else video
         n_vid = student_video.shape[1]
+
+        def forward(vid: torch.Tensor) -> torch.Tensor:
+            inputs = torch.cat([head, vid, text.to(vid.dtype)], 1)
+            ones = torch.ones(b, h + vid.shape[1], dtype=text_mask.dtype, device=device)
+            return self.lm(
+                inputs_embeds=inputs, attention_mask=torch.cat([ones, text_mask], 1)
+            ).last_hidden_state
+
         with self.autocast():
-            inputs = torch.cat([student_video, text.to(student_video.dtype)], 1)
-            mask = torch.cat([torch.ones(b, n_vid, dtype=text_mask.dtype, device=device), text_mask], 1)
-            hidden = self.lm(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
-            ce = self._answer_ce(hidden[:, n_vid - 1 :], labels)
+            hidden = forward(student_video)
+            ce = self._answer_ce(hidden[:, h + n_vid - 1 :], labels)
             mvm_term = torch.zeros((), device=device)
             if masking and mvm and self.config.mvm_weight > 0:
                 with torch.no_grad():
-                    full = torch.cat([video, text.to(video.dtype)], 1)
-                    full_mask = torch.cat(
-                        [torch.ones(b, length, dtype=text_mask.dtype, device=device), text_mask], 1
-                    )
-                    teacher = self.lm(inputs_embeds=full, attention_mask=full_mask).last_hidden_state[
-                        :, :length
-                    ]
-                    teacher = gather_tokens(teacher, keep)
-                mvm_term = mvm_loss(self.mvm_head(hidden[:, :n_vid]), teacher)
+                    teacher = gather_tokens(forward(video)[:, h : h + length], keep)
+                mvm_term = mvm_loss(self.mvm_head(hidden[:, h : h + n_vid]), teacher)
         loss = ce + self.config.mvm_weight * mvm_term
         return {"loss": loss, "ce": ce.detach(), "mvm": mvm_term.detach(), "rho": torch.tensor(rho)}
 
@@ -252,19 +256,19 @@ class STLLM(nn.Module):
         return F.cross_entropy(logits.float(), labels[where])
 
     # ------------------------------------------------------------------ scoring and generation
+    def _head_embeds(self, batch: int) -> torch.Tensor:
+        """(B, H, D) embeddings of the chat header that precedes the video (H may be 0)."""
+        ids = torch.tensor([self.text_ids(self.prompt_head)] * batch, dtype=torch.long).view(batch, -1)
+        return self.embed(ids)
+
     @torch.inference_mode()
     def prefix(self, video: torch.Tensor):
-        """Forward the shared prefix (video + prompt head) once. Returns (cache, last-position log-probs (B, V))."""
+        """Forward the shared prefix (chat header + video) once. Returns (cache, last-position log-probs
+        (B, V), prefix length)."""
         b = video.shape[0]
-        head = (
-            torch.tensor([self.text_ids(self.prompt_head)] * b, dtype=torch.long)
-            if self.prompt_head
-            else None
-        )
         with self.autocast():
             inputs = video.to(self.device)
-            if head is not None:
-                inputs = torch.cat([inputs, self.embed(head).to(inputs.dtype)], 1)
+            inputs = torch.cat([self._head_embeds(b).to(inputs.dtype), inputs], 1)
             out = self.lm(inputs_embeds=inputs, use_cache=True)
             last = self.backbone.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
         return out.cache, last, inputs.shape[1]
@@ -325,19 +329,18 @@ class STLLM(nn.Module):
         """Reference for :meth:`score`: one full forward per (video, query, candidate), no cache."""
         b = video.shape[0]
         out = torch.zeros(b, len(queries), len(candidates))
-        head = self.text_ids(self.prompt_head)
+        head = self._head_embeds(1)
         for bi in range(b):
             for qi, q in enumerate(queries):
                 for ci, c in enumerate(candidates):
-                    context = head + self.text_ids(q + self.prompt_tail)
+                    context = self.text_ids(q + self.prompt_tail)
                     cand = self.text_ids(self.backbone.answer_text(c))
                     ids = torch.tensor([context + cand])
                     with self.autocast():
-                        x = torch.cat(
-                            [video[bi : bi + 1].to(self.device), self.embed(ids).to(video.dtype)], 1
-                        )
+                        vid = video[bi : bi + 1].to(self.device)
+                        x = torch.cat([head.to(vid.dtype), vid, self.embed(ids).to(vid.dtype)], 1)
                         hidden = self.lm(inputs_embeds=x).last_hidden_state[0]
-                    start = video.shape[1] + len(context) - 1
+                    start = head.shape[1] + video.shape[1] + len(context) - 1
                     logp = self.backbone.lm_head(hidden[start : start + len(cand)]).float().log_softmax(-1)
                     out[bi, qi, ci] = logp.gather(
                         1, torch.tensor(cand, device=logp.device).unsqueeze(1)

@@ -1,0 +1,140 @@
+"""Fine-tune rounds and the model registry, in process with a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from workers.corrections import snapshot_from_ground_truth, split_of
+from workers.events import Segment
+from workers.linevideo import generate_dataset
+from workers.registry import ModelStore, RegistryError, RoundRunning
+from workers.rounds import RoundSettings, _covered, init_store, run_round, window_examples
+from workers.schemas import PrelabelSettings, parse_labels
+from workers.stllm.train import TrainSettings
+
+LABELS = parse_labels(["empty_line: the conveyor is empty", "hand: a hand reaches into the frame"])
+
+
+def quick_settings(**train) -> RoundSettings:
+    return RoundSettings(
+        train=TrainSettings(**{"steps": 6, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 3, **train}),
+        prelabel=PrelabelSettings(window_s=2.0, stride_s=1.0, frames_per_window=2, global_frames=4),
+        validation_fraction=0.34,
+        dtype="fp32",
+    )
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corrections")
+    generate_dataset(d, 6, seed=320, duration=8.0)  # ids hash to 4 train + 2 validation videos
+    return snapshot_from_ground_truth(d / "ground_truth.jsonl", LABELS)
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_spec):
+    s = ModelStore(tmp_path / "store")
+    init_store(s, tiny_spec)
+    return s
+
+
+def test_split_is_deterministic_and_stable():
+    ids = [f"video-{i}" for i in range(400)]
+    a = [split_of(i) for i in ids]
+    assert a == [split_of(i) for i in ids]
+    assert 0.15 < a.count("validation") / len(a) < 0.35
+
+
+def test_snapshot_id_depends_only_on_content(snapshot, tmp_path):
+    again = snapshot.model_copy(update={"id": ""}).frozen()
+    assert again.id == snapshot.id
+    changed = snapshot.model_copy(update={"labels": LABELS[:1], "id": ""}).frozen()
+    assert changed.id != snapshot.id
+
+
+def test_window_targets_come_from_overlap_with_corrected_segments():
+    segs = [Segment("hand", 1.0, 3.0, 11, 30)]
+    assert _covered(segs, 0.0, 2.0) == pytest.approx(0.5)
+    assert _covered(segs, 4.0, 6.0) == 0.0
+    assert _covered(segs + [Segment("hand", 2.0, 5.0, 21, 50)], 0.0, 4.0) == pytest.approx(0.75)
+
+
+def test_window_examples_label_each_window_yes_or_no(snapshot):
+    ex = window_examples(snapshot, [snapshot.videos[0].video_id], quick_settings())
+    assert {a for *_, a in ex} <= {"yes", "no"}
+    assert {q for _, _, q, _ in ex} <= {label.question() for label in LABELS}
+
+
+def test_a_round_records_a_version_and_promotes_only_when_better(store, snapshot):
+    result = run_round(store, snapshot, quick_settings())
+    reg = store.read()
+    info = reg["versions"]["round-1"]
+    assert info["parent"] == "base" and info["snapshot"] == snapshot.id
+    assert set(info["metrics"]["validation"]) >= {"mAP@0.5", "mAP", "per_label_AP@0.5"}
+    assert reg["serving"] == ("round-1" if result.promoted else "base")
+    assert result.promoted == (result.metrics["candidate"]["mAP@0.5"] > result.metrics["serving"]["mAP@0.5"])
+    assert (store.root / info["snapshot_path"]).exists()
+    assert set(result.timings) == {"collect_s", "train_s", "evaluate_s"}
+
+
+def test_a_forced_round_is_served_and_rollback_restores_the_earlier_version(store, snapshot):
+    s = quick_settings()
+    s.force = True
+    run_round(store, snapshot, s)
+    assert store.serving()[0] == "round-1"
+    store.set_serving("base", "rollback")
+    assert store.serving()[0] == "base"
+    assert store.read()["history"][-1]["why"] == "rollback"
+    with pytest.raises(RegistryError):
+        store.set_serving("round-9", "typo")
+
+
+def test_a_failure_mid_training_leaves_serving_unchanged(store, snapshot, monkeypatch):
+    before = json.loads(store.registry_path.read_text())
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def failing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("injected failure at step 4")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_round(store, snapshot, quick_settings())
+    assert json.loads(store.registry_path.read_text()) == before
+    assert not (store.root / "versions" / "round-1").exists()
+    assert not (store.root / "round.lock").exists()
+    # the checkpoint at step 3 survives: the rerun resumes and finishes
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert (store.root / "work" / "round-1" / "checkpoint.pt").exists()
+    run_round(store, snapshot, quick_settings())
+    assert "round-1" in store.read()["versions"]
+
+
+def test_a_second_concurrent_round_is_refused(store, snapshot):
+    with store.round_lock("round-1"):
+        with pytest.raises(RoundRunning, match="round-1 is running"):
+            run_round(store, snapshot, quick_settings())
+    assert not (store.root / "round.lock").exists()
+    assert "round-1" not in store.read()["versions"]
+
+
+def test_same_snapshot_and_seed_give_the_same_adapter(tmp_path, tiny_spec, snapshot):
+    from safetensors.torch import load_file
+
+    adapters = []
+    for i in range(2):
+        s = ModelStore(tmp_path / f"s{i}")
+        init_store(s, tiny_spec)
+        settings = quick_settings()
+        settings.force = True
+        run_round(s, snapshot, settings)
+        adapters.append(load_file(s.version_dir("round-1") / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[0][k], adapters[1][k], atol=0, rtol=0)

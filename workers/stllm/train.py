@@ -1,0 +1,175 @@
+"""Fine-tuning on window-level yes/no examples: LoRA on the LLM plus the small trainable parts, ST-LLM
+dynamic masking and MVM loss (switchable), global-local input, seeded, resumable from a checkpoint.
+
+Frame features of the frozen vision encoder are computed once per video by the caller and passed in;
+training touches only the projector, fusion MLP, MVM head and LoRA weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from workers.stllm.model import IGNORE, STLLM
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    masking: bool = True
+    mvm: bool = True
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+@dataclass
+class VideoFeatures:
+    """One training video: frozen-encoder features of its sampled frames and which frames form each window."""
+
+    features: torch.Tensor  # (N, K, Dv)
+    window_index: torch.Tensor  # (W, F)
+    global_index: torch.Tensor  # (G,)
+
+
+@dataclass
+class Example:
+    video: int  # index into the list of VideoFeatures
+    window: int
+    question: str
+    answer: str  # "yes" or "no"
+
+
+def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, labels = [], []
+    eos = [model.tokenizer.eos_token_id] if model.tokenizer.eos_token_id is not None else []
+    for ex in examples:
+        prompt = model.text_ids(ex.question + model.prompt_tail)
+        answer = model.text_ids(model.backbone.answer_text(ex.answer)) + eos
+        rows.append(prompt + answer)
+        labels.append([IGNORE] * len(prompt) + answer)
+    width = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, la) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(la)] = torch.tensor(la)
+        mask[i, : len(r)] = 1
+    return ids, lab, mask
+
+
+def balanced_batches(examples: list[Example], settings: TrainSettings) -> list[list[Example]]:
+    """``steps`` batches drawn with a seeded RNG: each example picks a question (label) uniformly, then
+    yes or no with equal chance, then one window of that kind, so rare events are seen as often as common
+    ones."""
+    rng = random.Random(settings.seed)
+    by_question: dict[str, dict[str, list[Example]]] = {}
+    for ex in examples:
+        by_question.setdefault(ex.question, {"yes": [], "no": []})[ex.answer].append(ex)
+    pools = [p for _, p in sorted(by_question.items()) if p["yes"] or p["no"]]
+    if not pools:
+        raise ValueError("no training examples")
+    batches = []
+    for _ in range(settings.steps):
+        batch = []
+        for _ in range(settings.batch_size):
+            pool = rng.choice(pools)
+            kind = rng.choice([k for k in ("yes", "no") if pool[k]])
+            batch.append(rng.choice(pool[kind]))
+        batches.append(batch)
+    return batches
+
+
+def train(
+    model: STLLM,
+    videos: list[VideoFeatures],
+    examples: list[Example],
+    settings: TrainSettings,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Train ``model`` in place; returns per-step losses. With ``checkpoint_dir``, state is saved every
+    ``checkpoint_every`` steps and a rerun resumes from the last checkpoint (same batches, same result)."""
+    torch.manual_seed(settings.seed)
+    model.attach_lora()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(settings.seed)
+    start, history = 0, []
+    ckpt = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"checkpoint {ckpt} was made with other settings: {state['settings']}")
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        start, history = state["step"], state["history"]
+    batches = balanced_batches(examples, settings)
+    for step in range(start, settings.steps):
+        batch = batches[step]
+        local = torch.stack(
+            [videos[ex.video].features[videos[ex.video].window_index[ex.window]] for ex in batch]
+        )
+        glob = None
+        if all(len(videos[ex.video].global_index) for ex in batch):
+            glob = torch.stack([videos[ex.video].features[videos[ex.video].global_index] for ex in batch])
+        ids, labels, mask = _encode_text(model, batch)
+        out = model.training_loss(
+            model.video_tokens(local, glob),
+            ids,
+            labels,
+            mask,
+            masking=settings.masking,
+            mvm=settings.mvm,
+            generator=gen,
+        )
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        record = {k: round(float(v), 5) for k, v in out.items()}
+        history.append(record)
+        if progress:
+            progress(step + 1, record)
+        if ckpt is not None and ((step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps):
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            trainable = {k: v for k, v in model.state_dict().items() if k in names}
+            tmp = ckpt.with_suffix(f".tmp{os.getpid()}")
+            torch.save(
+                {
+                    "step": step + 1,
+                    "model": trainable,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "history": history,
+                    "settings": asdict(settings),
+                },
+                tmp,
+            )
+            tmp.replace(ckpt)
+    model.eval()
+    return history
