@@ -1,0 +1,310 @@
+"""FiftyOne plugin: pre-label events, ask questions over videos, start fine-tune rounds, follow jobs.
+
+Each operator builds a job from the target view and hands it to ``workers.client``: with a broker
+configured (``STLLM_BROKER_URL``) the pool does the work and the operator returns at once with a job id;
+without one the work runs here, in FiftyOne's delegated execution (the operators ask for delegation then,
+so a large view never runs inside the App's 600 s immediate window). Results land on the samples through
+the workers' FiftyOne sink. This package never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+FIELD_DEFAULT = "stllm_events"
+ANSWER_DEFAULT = "stllm_answer"
+RUNS_KEY = "stllm_runs"
+
+
+def _pool_configured() -> bool:
+    return bool(os.environ.get("STLLM_BROKER_URL"))
+
+
+def _temporal_fields(dataset) -> list[str]:
+    import fiftyone as fo
+
+    return [name for name, f in dataset.get_field_schema(embedded_doc_type=fo.TemporalDetections).items()]
+
+
+def _check_target(ctx, inputs: types.Object) -> bool:
+    """Adds a form error when the dataset is not a video dataset; returns whether it is."""
+    if ctx.dataset is None or ctx.dataset.media_type != "video":
+        media = ctx.dataset.media_type if ctx.dataset is not None else "none"
+        inputs.view(
+            "not_video",
+            types.Error(
+                label="Not a video dataset",
+                description=f"these operators need videos; this dataset holds {media}",
+            ),
+        )
+        inputs.str(
+            "media_check", invalid=True, error_message=f"media type is {media}, not video", required=True
+        )
+        return False
+    return True
+
+
+def _record_run(ctx, kind: str, job_id: str, settings: dict) -> None:
+    ds = ctx.dataset
+    runs = dict(ds.info.get(RUNS_KEY, {}))
+    runs[job_id] = {"kind": kind, "started": time.time(), "pool": _pool_configured(), **settings}
+    ds.info[RUNS_KEY] = runs
+    ds.save()
+
+
+def _target_samples(ctx) -> tuple[list[str], dict[str, str]]:
+    view = ctx.target_view()
+    ids, paths = view.values("id"), view.values("filepath")
+    return paths, dict(zip(paths, ids, strict=True))
+
+
+class PrelabelEvents(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="prelabel_events",
+            label="ST-LLM: pre-label events",
+            description="Event segments with scores on every video of the target, from the served model version",
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+            dynamic=True,
+        )
+
+    def resolve_delegation(self, ctx):
+        return not _pool_configured()  # without a pool, the work itself runs: never in the immediate window
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if _check_target(ctx, inputs):
+            inputs.view_target(ctx)
+            fields = _temporal_fields(ctx.dataset)
+            inputs.list(
+                "labels", types.String(), label="Event labels", description="'name' or 'name: description'"
+            )
+            if fields:
+                inputs.enum("labels_from_field", fields, label="...or the classes of this field")
+            labels = list(ctx.params.get("labels") or [])
+            if not labels and ctx.params.get("labels_from_field"):
+                labels = ctx.dataset.distinct(f"{ctx.params['labels_from_field']}.detections.label")
+            if not labels:
+                inputs.str(
+                    "labels_check", invalid=True, required=True, error_message="give at least one event label"
+                )
+            field = ctx.params.get("output_field", FIELD_DEFAULT)
+            schema = ctx.dataset.get_field_schema()
+            wrong_type = field in schema and field not in fields
+            inputs.str(
+                "output_field",
+                default=FIELD_DEFAULT,
+                label="Output field",
+                invalid=wrong_type,
+                error_message=f"field {field!r} exists and is not TemporalDetections" if wrong_type else None,
+            )
+            inputs.float("window_s", default=4.0, label="Window (s)")
+            inputs.float("stride_s", default=2.0, label="Stride (s)")
+            inputs.int("frames_per_window", default=4, label="Frames per window")
+            inputs.float("threshold", default=0.5, label="P(yes) that starts an event")
+        return types.Property(inputs, view=types.View(label="Pre-label events"))
+
+    def execute(self, ctx):
+        from workers import client
+        from workers.schemas import PrelabelSettings
+        from workers.sinks import FiftyOneSink
+
+        labels = list(ctx.params.get("labels") or [])
+        if not labels and ctx.params.get("labels_from_field"):
+            labels = ctx.dataset.distinct(f"{ctx.params['labels_from_field']}.detections.label")
+        field = ctx.params.get("output_field", FIELD_DEFAULT)
+        threshold = ctx.params.get("threshold", 0.5)
+        settings = PrelabelSettings(
+            window_s=ctx.params.get("window_s", 4.0),
+            stride_s=ctx.params.get("stride_s", 2.0),
+            frames_per_window=ctx.params.get("frames_per_window", 4),
+            high=threshold,
+            low=min(threshold, 0.4),
+        )
+        paths, ids = _target_samples(ctx)
+        ctx.set_progress(progress=0.0, label=f"0/{len(paths)} videos")
+        sink = FiftyOneSink(ctx.dataset.name, field, "prelabel", ids)
+        job = client.submit_prelabel(paths, labels, settings, sink=sink.describe())
+        _record_run(
+            ctx, "prelabel", job, {"field": field, "labels": labels, "settings": settings.model_dump()}
+        )
+        st = client.status(job)
+        if st.finished:
+            ctx.trigger("reload_dataset")
+        return {"job_id": job, "videos": len(paths), "state": st.state, "done": st.done, "failed": st.failed}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("job_id", label="Job")
+        outputs.int("videos", label="Videos")
+        outputs.str("state", label="State")
+        return types.Property(outputs)
+
+
+class AskVideos(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="ask_videos",
+            label="ST-LLM: ask a question",
+            description="An answer, P(yes) for yes/no questions, and the best-matching moment on each video",
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+            dynamic=True,
+        )
+
+    def resolve_delegation(self, ctx):
+        return not _pool_configured()
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if _check_target(ctx, inputs):
+            inputs.view_target(ctx)
+            question = (ctx.params.get("question") or "").strip()
+            inputs.str(
+                "question",
+                required=True,
+                label="Question",
+                description="e.g. 'Does the operator skip the torque check?'",
+                invalid=ctx.params.get("question") is not None and not question,
+                error_message="the question is empty",
+            )
+            inputs.str("output_field", default=ANSWER_DEFAULT, label="Output field")
+        return types.Property(inputs, view=types.View(label="Ask over videos"))
+
+    def execute(self, ctx):
+        from workers import client
+        from workers.sinks import FiftyOneSink
+
+        question = ctx.params["question"].strip()
+        field = ctx.params.get("output_field", ANSWER_DEFAULT)
+        paths, ids = _target_samples(ctx)
+        sink = FiftyOneSink(ctx.dataset.name, field, "ask", ids)
+        job = client.submit_ask(paths, question, sink=sink.describe())
+        _record_run(ctx, "ask", job, {"field": field, "question": question})
+        st = client.status(job)
+        if st.finished:
+            ctx.trigger("reload_dataset")
+        return {"job_id": job, "videos": len(paths), "state": st.state}
+
+
+class FinetuneRound(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="finetune_round",
+            label="ST-LLM: start a fine-tune round",
+            description="Train on a field of human-checked events; promoted only if it measures better",
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+            dynamic=True,
+        )
+
+    def resolve_delegation(self, ctx):
+        return not _pool_configured()
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if _check_target(ctx, inputs):
+            fields = _temporal_fields(ctx.dataset)
+            if not fields:
+                inputs.str(
+                    "gt_check",
+                    invalid=True,
+                    required=True,
+                    error_message="no TemporalDetections field to learn from",
+                )
+            else:
+                inputs.enum("gt_field", fields, required=True, label="Human-checked events field")
+            views = ctx.dataset.list_saved_views()
+            if views:
+                inputs.enum("view_name", views, label="Saved view (optional)")
+            inputs.int("steps", default=100, label="Training steps")
+            inputs.bool("force", default=False, label="Promote whatever it measures")
+        return types.Property(inputs, view=types.View(label="Fine-tune round"))
+
+    def execute(self, ctx):
+        from workers import client
+        from workers.corrections import snapshot_from_fiftyone
+
+        snap = snapshot_from_fiftyone(ctx.dataset.name, ctx.params["gt_field"], ctx.params.get("view_name"))
+        settings = {"train": {"steps": ctx.params.get("steps", 100)}, "force": bool(ctx.params.get("force"))}
+        if _pool_configured():
+            task = client.submit_round(snap.model_dump(), settings)
+            _record_run(ctx, "round", task, {"gt_field": ctx.params["gt_field"], "snapshot": snap.id})
+            return {"job_id": task, "state": "SUBMITTED", "snapshot": snap.id}
+        from workers.registry import ModelStore
+        from workers.rounds import RoundSettings, run_round
+
+        result = run_round(ModelStore(), snap, RoundSettings.from_dict(settings))
+        return {
+            "version": result.version,
+            "promoted": result.promoted,
+            "reason": result.reason,
+            "snapshot": snap.id,
+        }
+
+
+class JobStatus(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(name="job_status", label="ST-LLM: job status", dynamic=True)
+
+    def execute(self, ctx):
+        from workers import client
+
+        runs = ctx.dataset.info.get(RUNS_KEY, {})
+        jobs, any_finished = [], False
+        for job_id, run in sorted(runs.items(), key=lambda kv: -kv[1]["started"]):
+            if run["kind"] == "round":
+                state, info = client.round_status(job_id) if _pool_configured() else ("UNKNOWN", {})
+                jobs.append(
+                    {
+                        "job_id": job_id,
+                        "kind": "round",
+                        "state": state,
+                        **{k: info.get(k) for k in ("version", "promoted")},
+                    }
+                )
+                continue
+            try:
+                st = client.status(job_id)
+            except KeyError:
+                jobs.append({"job_id": job_id, "kind": run["kind"], "state": "EXPIRED"})
+                continue
+            any_finished |= st.finished
+            jobs.append(
+                {
+                    "job_id": job_id,
+                    "kind": run["kind"],
+                    "state": st.state,
+                    "done": st.done,
+                    "failed": st.failed,
+                    "total": st.total,
+                    "errors": st.errors[:20],
+                }
+            )
+        if any_finished:
+            ctx.trigger("reload_dataset")
+        return {"jobs": jobs}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.list("jobs", types.Object(), label="Jobs started on this dataset")
+        return types.Property(outputs)
+
+
+def register(p):
+    p.register(PrelabelEvents)
+    p.register(AskVideos)
+    p.register(FinetuneRound)
+    p.register(JobStatus)

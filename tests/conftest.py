@@ -39,3 +39,19 @@ def model_dir(tiny_spec, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(build_model(tiny_spec, device="cpu"), path, version="tiny@base")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def fiftyone(tmp_path_factory):
+    """FiftyOne on its own MongoDB (the bundled mongod, data in a temp folder), with this project's plugin
+    installed in a temp plugins folder the way `stllm fiftyone install` does it."""
+    from workers.cli import install_fiftyone_plugin
+
+    plugins = tmp_path_factory.mktemp("fo-plugins")
+    os.environ["FIFTYONE_DATABASE_DIR"] = str(tmp_path_factory.mktemp("fo-db"))
+    os.environ["FIFTYONE_PLUGINS_DIR"] = str(plugins)
+    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
+    install_fiftyone_plugin(plugins)
+    import fiftyone as fo
+
+    return fo

@@ -52,17 +52,6 @@ def _random_case(rng, n_videos=6, labels=("jam", "defect", "hand")):
     return gt, preds
 
 
-@pytest.fixture(scope="module")
-def fiftyone(tmp_path_factory):
-    import os
-
-    os.environ["FIFTYONE_DATABASE_DIR"] = str(tmp_path_factory.mktemp("fodb"))
-    os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-    import fiftyone as fo
-
-    yield fo
-
-
 def test_map_agrees_with_fiftyone_evaluate_detections(fiftyone, tmp_path):
     fo = fiftyone
     thresholds = [0.3, 0.5, 0.7]

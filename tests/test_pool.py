@@ -100,11 +100,18 @@ def long_videos(tmp_path_factory):
 
 
 class Worker:
-    def __init__(self, name: str, model_dir: str, log: Path, extra_env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        model_dir: str,
+        log: Path,
+        extra_env: dict | None = None,
+        queues: str = "ask,prelabel",
+    ):
         env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
         self.log = log
         self.name = name
-        ((cmd, gpu_env),) = worker_commands([], "ask,prelabel", name=name)  # the command `stllm worker` runs
+        ((cmd, gpu_env),) = worker_commands([], queues, name=name)  # the command `stllm worker` runs
         self.proc = subprocess.Popen(
             cmd + ["--without-gossip", "--without-mingle"],
             stdout=open(log, "w"),
@@ -141,8 +148,8 @@ class Worker:
 def workers_factory(redis_server, model_dir, tmp_path):
     started: list[Worker] = []
 
-    def start(name: str, **env) -> Worker:
-        w = Worker(name, model_dir, tmp_path / f"{name}.log", {k: str(v) for k, v in env.items()})
+    def start(name: str, queues: str = "ask,prelabel", **env) -> Worker:
+        w = Worker(name, model_dir, tmp_path / f"{name}.log", {k: str(v) for k, v in env.items()}, queues)
         started.append(w)
         return w
 
@@ -265,3 +272,71 @@ def test_one_worker_per_gpu_each_seeing_only_its_gpu():
     assert all("--pool-start-method=spawn" in cmd and "-c" in cmd for cmd, _ in cmds)
     ((cpu_cmd, cpu_env),) = worker_commands([], "ask,prelabel")
     assert cpu_env["CUDA_VISIBLE_DEVICES"] == "" and "ask,prelabel" in cpu_cmd
+
+
+def test_a_round_on_the_finetune_queue_is_promoted_and_then_served(workers_factory, tiny_spec, tmp_path):
+    from workers.corrections import snapshot_from_ground_truth
+    from workers.registry import ModelStore
+    from workers.rounds import RoundSettings, init_store
+    from workers.schemas import PrelabelSettings
+    from workers.stllm.train import TrainSettings
+
+    store = ModelStore(tmp_path / "store")
+    init_store(store, tiny_spec)
+    d = tmp_path / "corrections"
+    records = generate_dataset(d, 6, seed=320, duration=8.0)
+    snap = snapshot_from_ground_truth(d / "ground_truth.jsonl")
+    settings = RoundSettings(
+        train=TrainSettings(steps=4, batch_size=4, lr=1e-2),
+        prelabel=PrelabelSettings(window_s=2.0, stride_s=1.0, frames_per_window=2, global_frames=4),
+        validation_fraction=0.34,
+        force=True,
+        dtype="fp32",
+    )
+    w = workers_factory("wft", queues="ask,prelabel,finetune", STLLM_MODEL_STORE=store.root)
+    w.wait_ready()
+    task = client.submit_round(snap.model_dump(), settings.to_dict(), str(store.root))
+    deadline = time.monotonic() + 120
+    while (state := client.round_status(task)[0]) not in (
+        "SUCCESS",
+        "FAILURE",
+    ) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    state, info = client.round_status(task)
+    assert state == "SUCCESS", info
+    assert info["version"] == "round-1" and info["promoted"]
+    assert store.serving()[0] == "round-1"
+    job = client.submit_prelabel([records[0]["video"]], ["jam"])
+    client.wait(job, timeout=60, poll=0.2)
+    assert client.results(job)[0]["model_version"] == "round-1"  # the worker switched before this task
+    assert "switched from base to round-1" in w.log.read_text()
+    store.set_serving("base", "rollback")
+    job = client.submit_prelabel([records[0]["video"]], ["jam"])
+    client.wait(job, timeout=60, poll=0.2)
+    assert client.results(job)[0]["model_version"] == "base"
+
+
+def test_fiftyone_operator_submits_to_the_pool_and_the_worker_writes_the_dataset(
+    fiftyone, workers_factory, videos
+):
+    import fiftyone.operators as foo
+
+    fo = fiftyone
+    good, bad = videos
+    ds = fo.Dataset()
+    ds.add_samples([fo.Sample(filepath=p) for p in good[:3] + [bad]])
+    w = workers_factory("wfo")  # inherits FIFTYONE_DATABASE_DIR: the same MongoDB as this process
+    w.wait_ready()
+    result = foo.execute_operator(
+        "@stllm/labeling/prelabel_events", dataset=ds, params={"labels": ["jam"], "output_field": "pred"}
+    )
+    assert result.error is None and not result.delegated  # with a pool the operator returns at once
+    job = result.result["job_id"]
+    st = client.wait(job, timeout=120, poll=0.2)
+    assert (st.done, st.failed) == (3, 1)
+    ds.reload()
+    assert len(ds.exists("pred")) == 3 and len(ds.exists("pred_error")) == 1
+    assert {d.model_version for dets in ds.values("pred.detections") if dets for d in dets} <= {"tiny@base"}
+    status = foo.execute_operator("@stllm/labeling/job_status", dataset=ds)
+    assert status.result["jobs"][0]["state"] == "SUCCESS"
+    ds.delete()

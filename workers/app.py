@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 QUEUES = ("ask", "prelabel", "finetune")
 
@@ -31,8 +31,11 @@ def _config() -> dict:
     return dict(
         broker_url=broker_url() or "memory://",
         result_backend=os.environ.get("STLLM_RESULT_BACKEND") or broker_url() or "cache+memory://",
-        task_queues=[Queue(q) for q in QUEUES],
+        # each queue its own direct exchange and key: a message reaches exactly one queue
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         task_default_queue="prelabel",
+        task_default_exchange="prelabel",
+        task_default_routing_key="prelabel",
         task_routes={
             "stllm.prelabel": {"queue": "prelabel"},
             "stllm.ask": {"queue": "ask"},

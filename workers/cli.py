@@ -210,10 +210,152 @@ def cmd_up(args) -> int:
         redis.wait(10)
 
 
+def _store(args):
+    from workers.registry import ModelStore
+
+    return ModelStore(args.store)
+
+
+def cmd_round(args) -> int:
+    from workers.registry import RegistryError, RoundRunning
+
+    store = _store(args)
+    try:
+        if args.round_command == "init":
+            from workers.rounds import init_store
+
+            path = init_store(store, args.model)
+            print(f"model store {store.root}: base version from {args.model} at {path}")
+        elif args.round_command == "list":
+            reg = store.read()
+            print(
+                f"{'version':<10}{'parent':<10}{'promoted':<10}{'mAP@0.5':>9}{'mAP':>8}  snapshot      created"
+            )
+            for name, v in reg["versions"].items():
+                m = v.get("metrics", {}).get("validation", {})
+                mark = "*" if name == reg["serving"] else " "
+                created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v["created"]))
+                print(
+                    f"{mark}{name:<9}{v.get('parent') or '-':<10}{str(v['promoted']):<10}"
+                    f"{m.get('mAP@0.5', float('nan')):>9.3f}{m.get('mAP', float('nan')):>8.3f}  "
+                    f"{v.get('snapshot', '-'):<13} {created}"
+                )
+            print("* serving")
+        elif args.round_command in ("promote", "rollback"):
+            store.set_serving(args.version, args.round_command)
+            print(f"serving {args.version}: workers switch before their next task")
+        elif args.round_command == "start":
+            return _round_start(args, store)
+    except (RegistryError, RoundRunning) as e:
+        print(f"stllm round {args.round_command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _round_start(args, store) -> int:
+    from tqdm import tqdm
+
+    from workers.corrections import snapshot_from_fiftyone, snapshot_from_ground_truth
+    from workers.rounds import RoundSettings, run_round
+    from workers.stllm.train import TrainSettings
+
+    if args.from_jsonl:
+        snapshot = snapshot_from_ground_truth(args.from_jsonl)
+    else:
+        if not args.gt_field:
+            raise SystemExit("stllm round start: --from-fiftyone needs --gt-field")
+        snapshot = snapshot_from_fiftyone(args.from_fiftyone, args.gt_field, args.view)
+    settings = RoundSettings(
+        train=TrainSettings(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            masking=not args.no_masking,
+            mvm=not args.no_mvm and not args.no_masking,
+            seed=args.seed,
+        ),
+        margin=args.margin,
+        force=args.force,
+    )
+    print(
+        f"snapshot {snapshot.id}: {len(snapshot.videos)} videos, labels {[x.name for x in snapshot.labels]}",
+        file=sys.stderr,
+    )
+    if os.environ.get("STLLM_BROKER_URL"):
+        from workers import client
+
+        task_id = client.submit_round(snapshot.model_dump(), settings.to_dict(), str(store.root))
+        print(f"round submitted to the finetune queue as {task_id}", file=sys.stderr)
+        with tqdm(total=args.steps, desc="round", unit="step", file=sys.stderr) as bar:
+            while True:
+                state, info = client.round_status(task_id)
+                if state == "PROGRESS" and info.get("stage") == "train":
+                    bar.n = info["step"]
+                    bar.set_postfix(loss=info.get("loss"))
+                    bar.refresh()
+                if state in ("SUCCESS", "FAILURE"):
+                    break
+                time.sleep(1.0)
+        if state == "FAILURE":
+            print(f"round failed, serving unchanged: {info.get('error')}", file=sys.stderr)
+            return 1
+        print(json.dumps(info, indent=2))
+        return 0
+    with tqdm(total=args.steps, desc="round", unit="step", file=sys.stderr) as bar:
+
+        def show(stage: str, info: dict) -> None:
+            if stage == "train":
+                bar.update(1)
+                bar.set_postfix(loss=info.get("loss"))
+            else:
+                bar.write(f"{stage}: {info}")
+
+        result = run_round(store, snapshot, settings, show)
+    print(
+        json.dumps(
+            {
+                "version": result.version,
+                "promoted": result.promoted,
+                "reason": result.reason,
+                "metrics": result.metrics,
+                "timings": result.timings,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def install_fiftyone_plugin(plugins_dir: str | os.PathLike | None = None) -> Path:
+    """Link this project's FiftyOne plugin into FiftyOne's plugins folder; returns the link."""
+    import fiftyone_stllm
+
+    if plugins_dir is None:
+        plugins_dir = os.environ.get("FIFTYONE_PLUGINS_DIR")
+    if plugins_dir is None:
+        import fiftyone as fo
+
+        plugins_dir = fo.config.plugins_dir
+    if not plugins_dir:
+        raise SystemExit("no FiftyOne plugins folder: set FIFTYONE_PLUGINS_DIR or pass --dir")
+    target = Path(plugins_dir) / "stllm-labeling"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(Path(fiftyone_stllm.__file__).resolve().parent, target_is_directory=True)
+    return target
+
+
+def cmd_fiftyone(args) -> int:
+    link = install_fiftyone_plugin(args.dir)
+    print(f"installed the plugin at {link}; in the App, press '`' and search 'ST-LLM'")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from workers.demo import run_demo
 
-    run_demo(Path(args.workdir), n_videos=args.videos, duration=args.duration)
+    run_demo(Path(args.workdir), n_heldout=args.videos, duration=args.duration, steps=args.steps)
     return 0
 
 
@@ -286,10 +428,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=".stllm", help="folder for redis data (default .stllm)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("demo", help="generate videos, pre-label them with builtin, and score the result")
-    p.add_argument("--workdir", default=".stllm-demo")
-    p.add_argument("--videos", type=int, default=12)
-    p.add_argument("--duration", type=float, default=30.0)
+    p = sub.add_parser("round", help="fine-tune rounds: init a model store, start, list, promote, roll back")
+    p.add_argument(
+        "--store", default=None, help="model store folder (default $STLLM_MODEL_STORE or ~/.stllm/models)"
+    )
+    rsub = p.add_subparsers(dest="round_command", required=True, metavar="ACTION")
+    r = rsub.add_parser("init", help="create a model store whose base version is --model")
+    r.add_argument("--model", default="builtin")
+    r = rsub.add_parser("start", help="train a candidate on corrections; promote it if it measures better")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-jsonl", help="corrections as a ground_truth.jsonl (stllm generate's format)")
+    src.add_argument(
+        "--from-fiftyone", metavar="DATASET", help="a FiftyOne dataset with human-checked events"
+    )
+    r.add_argument("--gt-field", help="the FiftyOne field of human-checked temporal detections")
+    r.add_argument("--view", help="a saved view of the FiftyOne dataset")
+    r.add_argument("--steps", type=int, default=100)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--lr", type=float, default=2e-3)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--margin", type=float, default=0.0, help="mAP@0.5 the candidate must gain to be promoted")
+    r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
+    r.add_argument(
+        "--no-masking", action="store_true", help="train without dynamic masking (and without MVM)"
+    )
+    r.add_argument("--no-mvm", action="store_true", help="train with masking but without the MVM loss")
+    rsub.add_parser("list", help="every version with its parent, metrics and snapshot")
+    r = rsub.add_parser("promote", help="serve VERSION from now on")
+    r.add_argument("version")
+    r = rsub.add_parser("rollback", help="serve an earlier VERSION again")
+    r.add_argument("version")
+    p.set_defaults(func=cmd_round)
+
+    p = sub.add_parser("fiftyone", help="FiftyOne integration")
+    fsub = p.add_subparsers(dest="fiftyone_command", required=True, metavar="ACTION")
+    f = fsub.add_parser(
+        "install", help="put the plugin where FiftyOne finds it (a link into its plugins folder)"
+    )
+    f.add_argument("--dir", default=None, help="plugins folder (default: FiftyOne's plugins_dir)")
+    p.set_defaults(func=cmd_fiftyone)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop: generated videos, base pre-labels, two fine-tune rounds, held-out mAP table",
+    )
+    p.add_argument(
+        "--workdir", default=".stllm-demo", help="folder for videos, model store and results (replaced)"
+    )
+    p.add_argument("--videos", type=int, default=12, help="held-out videos (default 12)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per video (default 30)")
+    p.add_argument("--steps", type=int, default=100, help="training steps per round (default 100)")
     p.set_defaults(func=cmd_demo)
     return parser
 

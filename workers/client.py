@@ -189,3 +189,23 @@ def cancel(job_id: str) -> None:
         return
     _redis().set(f"stllm:cancel:{job_id}", 1, ex=app.conf.result_expires)
     app.control.revoke(meta["tasks"])
+
+
+def submit_round(snapshot: dict, settings: dict | None = None, store_root: str | None = None) -> str:
+    """Start a fine-tune round on the pool's ``finetune`` queue; returns the task id to follow with
+    :func:`round_status`. ``snapshot`` is a frozen corrections snapshot (``Snapshot.model_dump()``)."""
+    if broker_url() is None:
+        raise RuntimeError("no broker configured (STLLM_BROKER_URL): run the round in process instead")
+    from workers import tasks
+
+    return tasks.finetune.apply_async((snapshot, settings or {}, store_root)).id
+
+
+def round_status(task_id: str) -> tuple[str, dict]:
+    """(state, info) of a round submitted with :func:`submit_round`: PROGRESS info has stage and step;
+    SUCCESS info is the round's result (version, promoted, metrics); FAILURE info is the error."""
+    r = app.AsyncResult(task_id)
+    info = r.info
+    if isinstance(info, Exception):
+        info = {"error": f"{info.__class__.__name__}: {info}"}
+    return r.state, info or {}

@@ -1,5 +1,10 @@
-"""``stllm demo``: generated line videos -> pre-labels from the builtin model -> mAP against ground truth,
-next to a random and a constant predictor on the same windows. Prints a table, writes JSON."""
+"""``stllm demo``: the whole loop on the embedded default with the builtin model.
+
+1. generate factory-line videos: a held-out set, and two batches standing in for annotators' corrections;
+2. pre-label the held-out set with the base model, next to a random and a constant predictor;
+3. round 1 on the first batch of corrections, round 2 on both batches (each gated on its validation split);
+4. print mAP@0.5 and per-label AP of every version on the held-out set; write demo.json and demo.png.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.evaluation import evaluate
+from workers.corrections import Snapshot, snapshot_from_ground_truth
+from workers.evaluation import EvaluationReport, evaluate
 from workers.events import Segment, segments_from_probabilities
 from workers.jobs import _window_cores, prelabel_videos
 from workers.linevideo import EVENT_DESCRIPTIONS, EVENTS, generate_dataset
+from workers.registry import ModelStore
+from workers.rounds import RoundSettings, init_store, run_round
 from workers.schemas import PrelabelResult, PrelabelSettings, parse_labels
+from workers.stllm.train import TrainSettings
 
 
 def baseline_segments(
@@ -37,49 +46,138 @@ def baseline_segments(
     return out
 
 
-def run_demo(workdir: Path, n_videos: int = 12, duration: float = 30.0, model_name: str = "builtin") -> dict:
-    from workers.stllm.io import load_model
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print(f"[1/3] generating {n_videos} line videos of {duration:.0f}s in {workdir}/videos", file=sys.stderr)
-    records = generate_dataset(workdir / "videos", n_videos, seed=1000, duration=duration)
-    gt = {r["video"]: [Segment.from_dict(s) for s in r["segments"]] for r in records}
 
-    print(f"[2/3] pre-labeling with {model_name}", file=sys.stderr)
-    model = load_model(model_name, dtype="auto")
-    labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
-    settings = PrelabelSettings()
+def _evaluate_version(
+    model, videos: list[str], gt: dict, settings: PrelabelSettings, labels
+) -> tuple[EvaluationReport, list]:
     from tqdm import tqdm
 
-    with tqdm(total=n_videos, desc="pre-label", unit="video", file=sys.stderr) as bar:
-        results = prelabel_videos(model, list(gt), labels, settings, progress=lambda _: bar.update(1))
-    with open(workdir / "prelabels.jsonl", "w") as f:
-        for r in results:
-            f.write(r.model_dump_json() + "\n")
+    with tqdm(total=len(videos), desc=f"pre-label ({model.version})", unit="video", file=sys.stderr) as bar:
+        results = prelabel_videos(model, videos, labels, settings, progress=lambda _: bar.update(1))
+    preds = {r.video: [Segment.from_dict(s) for s in r.segments] for r in results}
+    return evaluate(preds, gt), results
 
-    print("[3/3] evaluating against ground truth", file=sys.stderr)
+
+def _merge(a: Snapshot, b: Snapshot) -> Snapshot:
+    return Snapshot(labels=a.labels, videos=a.videos + b.videos, sources=a.sources + b.sources).frozen()
+
+
+def _plot(rows: dict[str, EvaluationReport], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(names)
+    x = np.arange(len(EVENTS) + 1)
+    for i, name in enumerate(names):
+        per = rows[name].per_label(0.5)
+        vals = [rows[name].map_at(0.5)] + [per.get(e, 0.0) for e in EVENTS]
+        ax.bar(x + i * width, vals, width, label=name)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, ["mAP@0.5", *EVENTS], rotation=15)
+    ax.set_ylabel("AP at tIoU 0.5 (held-out)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Pre-label quality per model version")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(
+    workdir: Path,
+    n_heldout: int = 12,
+    n_corrections: int = 16,
+    duration: float = 30.0,
+    steps: int = 100,
+    model_name: str = "builtin",
+) -> dict:
+    """Run the demo in ``workdir`` (replaced); returns the summary written to ``demo.json``."""
+    import shutil
+
+    from workers.stllm.io import load_model
+
+    t0 = time.perf_counter()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    _say(
+        f"[1/4] generating {n_heldout} held-out and 2 x {n_corrections} corrected line videos ({duration:.0f}s each)"
+    )
+    heldout = generate_dataset(workdir / "heldout", n_heldout, seed=1000, duration=duration)
+    generate_dataset(workdir / "batch1", n_corrections, seed=2000, duration=duration)
+    generate_dataset(workdir / "batch2", n_corrections, seed=3000, duration=duration)
+    labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
+    gt = {r["video"]: [Segment.from_dict(s) for s in r["segments"]] for r in heldout}
+    videos = list(gt)
+    pre = PrelabelSettings()
+
+    store = ModelStore(workdir / "store")
+    init_store(store, model_name)
+    _say(f"[2/4] base model ({model_name}) on the held-out set")
+    rows: dict[str, EvaluationReport] = {}
+    base_report, base_results = _evaluate_version(
+        load_model(store.version_dir("base"), dtype="auto"), videos, gt, pre, labels
+    )
     rng = np.random.default_rng(0)
-    rows = {
-        model.version: evaluate({r.video: [Segment.from_dict(s) for s in r.segments] for r in results}, gt),
-        "random": evaluate({r.video: baseline_segments(r, "random", settings, rng) for r in results}, gt),
-        "constant": evaluate({r.video: baseline_segments(r, "constant", settings, rng) for r in results}, gt),
-    }
-    table = {name: rep.to_dict() for name, rep in rows.items()}
-    header = f"{'predictor':<16}{'mAP@0.5':>9}{'mAP':>8}  " + "".join(f"{e[:10]:>11}" for e in EVENTS)
-    print("\nheld-out line videos: AP@0.5 per label\n" + header)
+    rows["random"] = evaluate({r.video: baseline_segments(r, "random", pre, rng) for r in base_results}, gt)
+    rows["constant"] = evaluate(
+        {r.video: baseline_segments(r, "constant", pre, rng) for r in base_results}, gt
+    )
+    rows["base"] = base_report
+
+    snap1 = snapshot_from_ground_truth(workdir / "batch1" / "ground_truth.jsonl", labels)
+    snap2 = _merge(snap1, snapshot_from_ground_truth(workdir / "batch2" / "ground_truth.jsonl", labels))
+    settings = RoundSettings(train=TrainSettings(steps=steps, batch_size=8, lr=2e-3), prelabel=pre)
+    rounds = []
+    for i, snap in enumerate((snap1, snap2), start=1):
+        _say(f"[3/4] round {i}: {len(snap.videos)} corrected videos, {steps} steps (masking + MVM)")
+
+        def show(stage: str, info: dict) -> None:
+            if stage != "train" or info["step"] % 25 == 0:
+                _say(f"      {stage}: {info}")
+
+        result = run_round(store, snap, settings, progress=show)
+        rounds.append(
+            {
+                "version": result.version,
+                "promoted": result.promoted,
+                "reason": result.reason,
+                "timings": result.timings,
+            }
+        )
+        _say(f"      {result.reason} -> {'promoted' if result.promoted else 'not promoted'}")
+        rows[result.version], _ = _evaluate_version(
+            load_model(store.version_dir(result.version), dtype="auto"), videos, gt, pre, labels
+        )
+
+    _say("[4/4] held-out results")
+    serving = store.serving()[0]
+    header = f"{'version':<10}{'mAP@0.5':>9}{'mAP':>8}  " + "".join(f"{e[:11]:>12}" for e in EVENTS)
+    print(f"\nheld-out set: {n_heldout} videos; AP@0.5 per label; serving now: {serving}\n{header}")
     for name, rep in rows.items():
         per = rep.per_label(0.5)
         print(
-            f"{name:<16}{rep.map_at(0.5):>9.3f}{rep.mean_ap:>8.3f}  "
-            + "".join(f"{per.get(e, 0):>11.3f}" for e in EVENTS)
+            f"{name:<10}{rep.map_at(0.5):>9.3f}{rep.mean_ap:>8.3f}  "
+            + "".join(f"{per.get(e, 0):>12.3f}" for e in EVENTS)
         )
     summary = {
-        "videos": n_videos,
+        "heldout_videos": n_heldout,
         "duration_s": duration,
+        "steps_per_round": steps,
+        "serving": serving,
+        "rounds": rounds,
+        "table": {name: rep.to_dict() for name, rep in rows.items()},
         "seconds": round(time.perf_counter() - t0, 1),
-        "table": table,
     }
     (workdir / "demo.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {workdir / 'demo.json'} ({summary['seconds']}s)")
+    _plot(
+        {k: v for k, v in rows.items() if k not in ("random", "constant")} | {"random": rows["random"]},
+        workdir / "demo.png",
+    )
+    print(f"\nwrote {workdir / 'demo.json'} and {workdir / 'demo.png'} in {summary['seconds']:.0f}s")
     return summary

@@ -48,6 +48,13 @@ class RoundSettings:
         d["prelabel"] = self.prelabel.model_dump()
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RoundSettings:
+        d = dict(d)
+        train_settings = TrainSettings(**d.pop("train", {}))
+        prelabel = PrelabelSettings(**d.pop("prelabel", {}))
+        return cls(train=train_settings, prelabel=prelabel, **d)
+
 
 @dataclass
 class RoundResult:

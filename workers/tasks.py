@@ -10,24 +10,42 @@ import os
 
 from celery.signals import worker_process_init
 
-from workers.app import app
+from workers.app import app, broker_url
+from workers.registry import ModelStore
 from workers.sinks import sink_from
 
 log = logging.getLogger("stllm.worker")
 _model = None
+_model_key: str | None = None
+
+
+def _wanted_model() -> str:
+    """The model directory this worker should serve now: the model store's serving version when
+    STLLM_MODEL_STORE points at a store, else STLLM_MODEL (default builtin)."""
+    if os.environ.get("STLLM_MODEL_STORE"):
+        store = ModelStore()
+        if store.exists():
+            return str(store.serving()[1])
+    return os.environ.get("STLLM_MODEL", "builtin")
 
 
 def served_model():
-    """The model this process serves, loaded on first use (at process start in a worker)."""
-    global _model
-    if _model is None:
+    """The model this process serves. Loaded at process start in a worker; reloaded before a task when the
+    model store has promoted (or rolled back to) another version since."""
+    global _model, _model_key
+    wanted = _wanted_model()
+    if _model is None or wanted != _model_key:
         from workers.stllm.io import load_model
 
-        name = os.environ.get("STLLM_MODEL", "builtin")
+        previous = _model.version if _model is not None else None
         _model = load_model(
-            name, device=os.environ.get("STLLM_DEVICE"), dtype=os.environ.get("STLLM_DTYPE", "auto")
+            wanted, device=os.environ.get("STLLM_DEVICE"), dtype=os.environ.get("STLLM_DTYPE", "auto")
         )
-        log.info("worker pid %d serves %s (version %s)", os.getpid(), name, _model.version)
+        _model_key = wanted
+        if previous:
+            log.info("worker pid %d switched from %s to %s", os.getpid(), previous, _model.version)
+        else:
+            log.info("worker pid %d serves %s (version %s)", os.getpid(), wanted, _model.version)
     return _model
 
 
@@ -41,6 +59,8 @@ def _cancel_key(job_id: str) -> str:
 
 
 def is_cancelled(job_id: str) -> bool:
+    if broker_url() is None:  # embedded default: jobs run in the caller, which cancels by stopping
+        return False
     backend = app.backend
     client = getattr(backend, "client", None)
     return bool(client is not None and client.get(_cancel_key(job_id)))
@@ -90,3 +110,21 @@ def ask(self, job_id: str, videos: list[str], question: str, settings: dict, sin
 def ping(self) -> dict:
     """Which model version this worker serves (and a cheap round trip through the pool)."""
     return {"version": served_model().version, "pid": os.getpid(), "hostname": self.request.hostname}
+
+
+@app.task(name="stllm.finetune", bind=True, max_retries=1)
+def finetune(self, snapshot: dict, settings: dict, store_root: str | None = None) -> dict:
+    """Run a fine-tune round on the ``finetune`` queue; progress as PROGRESS states (stage, step, loss).
+    Redelivered after a lost worker, it resumes from the round's last checkpoint."""
+    from dataclasses import asdict
+
+    from workers.corrections import Snapshot
+    from workers.rounds import RoundSettings, run_round
+
+    def report(stage: str, info: dict) -> None:
+        self.update_state(state="PROGRESS", meta={"stage": stage, **info})
+
+    result = run_round(
+        ModelStore(store_root), Snapshot.model_validate(snapshot), RoundSettings.from_dict(settings), report
+    )
+    return asdict(result)

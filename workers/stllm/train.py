@@ -150,7 +150,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        record = {k: round(float(v), 5) for k, v in out.items()}
+        record = {k: round(float(v.detach()), 5) for k, v in out.items()}
         history.append(record)
         if progress:
             progress(step + 1, record)
