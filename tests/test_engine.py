@@ -64,8 +64,8 @@ def test_cached_scoring_equals_naive_scoring(tiny_model):
     torch.manual_seed(3)
     video = tiny_model.video_tokens(torch.randn(2, 3, 4, 32), torch.randn(2, 6, 4, 32))
     queries = ["Is a part passing?", "Is the line jammed right now?"]
-    for candidates in (["yes", "no"], ["A", "B", "C", "D", "E", "F", "G", "H"]):
-        # tiny byte tokenizer: " yes" is 4 tokens, " A" 2 tokens: the multi-token path
+    for candidates in (["yes", "no"], ["Apple", "Banana", "C"]):
+        # tiny byte tokenizer: "yes" is 3 tokens: the multi-token path
         cached = tiny_model.score(video, queries, candidates)
         naive = tiny_model.score_naive(video, queries, candidates)
         assert cached.shape == (2, 2, len(candidates))
@@ -73,10 +73,8 @@ def test_cached_scoring_equals_naive_scoring(tiny_model):
 
 
 def test_single_token_candidates_use_the_fast_path_and_match_naive(tiny_model):
-    # With a bare "Answer:" prompt the byte tokenizer gives " " + letter = 2 tokens; make them single tokens
-    tiny_model.backbone.answer_text = lambda a: a
     video = tiny_model.video_tokens(torch.randn(3, 2, 4, 32))
-    cached = tiny_model.score(video, ["Which?"], ["A", "B", "C"])
+    cached = tiny_model.score(video, ["Which?"], ["A", "B", "C"])  # one byte each: the single-token path
     naive = tiny_model.score_naive(video, ["Which?"], ["A", "B", "C"])
     torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
 
@@ -95,7 +93,7 @@ def _toy_batch(model, n: int, generator: torch.Generator):
     rows, labels = [], []
     for s in signs.tolist():
         prompt = model.text_ids("Is it bright?" + tail)
-        answer = model.text_ids(model.backbone.answer_text("yes" if s else "no"))
+        answer = model.text_ids("yes" if s else "no")
         rows.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
     width = max(len(r) for r in rows)

@@ -114,7 +114,8 @@ def run_demo(
     labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
     gt = {r["video"]: [Segment.from_dict(s) for s in r["segments"]] for r in heldout}
     videos = list(gt)
-    pre = PrelabelSettings()
+    # line events last 1.5-7 s: 2 s windows every second, no smoothing, resolve them
+    pre = PrelabelSettings(window_s=2.0, stride_s=1.0, smoothing=1)
 
     store = ModelStore(workdir / "store")
     init_store(store, model_name)

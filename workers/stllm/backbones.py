@@ -46,7 +46,7 @@ def _split_chat_template(tokenizer) -> tuple[str, str]:
         )
         head, tail = text.split(marker)
         return head, tail
-    return "Question: ", "\nAnswer:"
+    return "Question: ", "\nAnswer: "
 
 
 class Backbone(nn.Module):
@@ -77,10 +77,6 @@ class Backbone(nn.Module):
 
     def prompt_parts(self) -> tuple[str, str]:
         return _split_chat_template(self.tokenizer)
-
-    def answer_text(self, answer: str) -> str:
-        """How an answer is written after the prompt tail (a leading space for plain 'Answer:' prompts)."""
-        return answer if getattr(self.tokenizer, "chat_template", None) else " " + answer
 
 
 # --------------------------------------------------------------------------------------------- composed

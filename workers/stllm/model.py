@@ -208,6 +208,7 @@ class STLLM(nn.Module):
         masking: bool = True,
         mvm: bool = True,
         generator: torch.Generator | None = None,
+        choices: list[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """ST-LLM's training objective for a batch.
 
@@ -215,7 +216,10 @@ class STLLM(nn.Module):
         prompt tail and answer after the video, labels IGNORE except on answer tokens (the chat header in
         front of the video is added here). With ``masking`` a share rho of video tokens is
         dropped (one rho per batch); with ``mvm`` too, a no-grad teacher pass on the full input supervises the
-        student's hidden states at the kept video tokens. Returns loss, ce, mvm (0 when off) and rho.
+        student's hidden states at the kept video tokens. With ``choices`` (token ids, e.g. of "yes" and "no")
+        the cross-entropy is taken over those tokens only, at the answer positions whose label is one of
+        them: the same normalisation the option scoring uses at inference. Returns loss, ce, mvm (0 when
+        off) and rho.
         """
         device = self.device
         b, length, _ = video.shape
@@ -237,7 +241,7 @@ class STLLM(nn.Module):
 
         with self.autocast():
             hidden = forward(student_video)
-            ce = self._answer_ce(hidden[:, h + n_vid - 1 :], labels)
+            ce = self._answer_ce(hidden[:, h + n_vid - 1 :], labels, choices)
             mvm_term = torch.zeros((), device=device)
             if masking and mvm and self.config.mvm_weight > 0:
                 with torch.no_grad():
@@ -246,14 +250,22 @@ class STLLM(nn.Module):
         loss = ce + self.config.mvm_weight * mvm_term
         return {"loss": loss, "ce": ce.detach(), "mvm": mvm_term.detach(), "rho": torch.tensor(rho)}
 
-    def _answer_ce(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _answer_ce(
+        self, hidden: torch.Tensor, labels: torch.Tensor, choices: list[int] | None = None
+    ) -> torch.Tensor:
         """Cross-entropy of the answer tokens. hidden[:, i] predicts labels[:, i] (hidden starts one position
         before the text). The LM head runs only where a label is set: a 49k vocabulary over every position
         would dominate the step."""
         hidden = hidden[:, : labels.shape[1]]
-        where = labels != IGNORE
-        logits = self.backbone.lm_head(hidden[where])
-        return F.cross_entropy(logits.float(), labels[where])
+        if choices is None:
+            where = labels != IGNORE
+            logits = self.backbone.lm_head(hidden[where])
+            return F.cross_entropy(logits.float(), labels[where])
+        options = torch.tensor(choices, device=labels.device)
+        where = (labels.unsqueeze(-1) == options).any(-1)
+        logits = self.backbone.lm_head(hidden[where])[:, options]
+        target = (labels[where].unsqueeze(-1) == options).float().argmax(-1)
+        return F.cross_entropy(logits.float(), target)
 
     # ------------------------------------------------------------------ scoring and generation
     def _head_embeds(self, batch: int) -> torch.Tensor:
@@ -283,7 +295,7 @@ class STLLM(nn.Module):
         """
         b = video.shape[0]
         q_ids = [self.text_ids(q + self.prompt_tail) for q in queries]
-        c_ids = [self.text_ids(self.backbone.answer_text(c)) for c in candidates]
+        c_ids = [self.text_ids(c) for c in candidates]
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("every query needs at least one token")
         single = all(len(c) == 1 for c in c_ids)
@@ -334,7 +346,7 @@ class STLLM(nn.Module):
             for qi, q in enumerate(queries):
                 for ci, c in enumerate(candidates):
                     context = self.text_ids(q + self.prompt_tail)
-                    cand = self.text_ids(self.backbone.answer_text(c))
+                    cand = self.text_ids(c)
                     ids = torch.tensor([context + cand])
                     with self.autocast():
                         vid = video[bi : bi + 1].to(self.device)

@@ -30,6 +30,7 @@ class TrainSettings:
     mvm: bool = True
     seed: int = 0
     checkpoint_every: int = 50
+    answer_choices: bool = True  # cross-entropy over the yes/no tokens only, as inference normalises them
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, t
     eos = [model.tokenizer.eos_token_id] if model.tokenizer.eos_token_id is not None else []
     for ex in examples:
         prompt = model.text_ids(ex.question + model.prompt_tail)
-        answer = model.text_ids(model.backbone.answer_text(ex.answer)) + eos
+        answer = model.text_ids(ex.answer) + eos
         rows.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
     width = max(len(r) for r in rows)
@@ -127,6 +128,12 @@ def train(
         gen.set_state(state["generator"])
         start, history = state["step"], state["history"]
     batches = balanced_batches(examples, settings)
+    choices = None
+    if settings.answer_choices:
+        answers = sorted({ex.answer for ex in examples})
+        choices = [model.text_ids(a)[0] for a in answers]
+        if len(set(choices)) != len(choices):
+            raise ValueError(f"answers {answers} share their first token: train with answer_choices=False")
     for step in range(start, settings.steps):
         batch = batches[step]
         local = torch.stack(
@@ -144,6 +151,7 @@ def train(
             masking=settings.masking,
             mvm=settings.mvm,
             generator=gen,
+            choices=choices,
         )
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
