@@ -85,6 +85,7 @@ def test_prelabel_writes_temporal_detections_errors_and_provenance(fiftyone, emb
             assert bad in sample["pred_error"] and sample["pred"] is None
             continue
         assert sample["pred_error"] is None
+        assert sample.metadata.frame_rate == 10.0 and sample.metadata.total_frame_count == 80  # from PyAV
         dets = sample["pred"].detections
         assert {d.label for d in dets} == {"jam", "hand", "empty_line"}
         for d in dets:

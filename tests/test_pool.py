@@ -100,6 +100,9 @@ def long_videos(tmp_path_factory):
 
 
 class Worker:
+    """The processes `stllm worker` starts for these queues (a prediction worker, and a rounds worker when
+    'finetune' is among them), logging into one file."""
+
     def __init__(
         self,
         name: str,
@@ -111,35 +114,43 @@ class Worker:
         env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
         self.log = log
         self.name = name
-        ((cmd, gpu_env),) = worker_commands([], queues, name=name)  # the command `stllm worker` runs
-        self.proc = subprocess.Popen(
-            cmd + ["--without-gossip", "--without-mingle"],
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**env, **gpu_env},
-        )
+        out = open(log, "w")
+        self.procs = [
+            subprocess.Popen(
+                cmd + ["--without-gossip", "--without-mingle"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**env, **cmd_env},
+            )
+            for cmd, cmd_env in worker_commands([], queues, name=name)
+        ]
+        self.serves_predictions = queues != "finetune"
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            if "ready." in text and "serves" in text:
+            if text.count("ready.") >= len(self.procs) and ("serves" in text or not self.serves_predictions):
                 return
-            if self.proc.poll() is not None:
+            if any(p.poll() is not None for p in self.procs):
                 raise RuntimeError(f"worker died:\n{text}")
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready:\n{self.log.read_text()}")
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
             try:
-                self.proc.wait(20)
+                p.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -269,6 +280,13 @@ def test_one_worker_per_gpu_each_seeing_only_its_gpu():
 
     cmds = worker_commands(["0", "1"], "prelabel")
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in cmds] == ["0", "1"]
+    *_, (round_cmd, round_env) = worker_commands(["0", "1"], "prelabel,finetune")
+    assert "workers.app:round_app" in round_cmd and round_env["STLLM_WORKER_ROLE"] == "rounds"
+    from workers.app import app, round_app
+
+    assert app.conf.broker_url.endswith("/0") and round_app.conf.broker_url.endswith(
+        "/1"
+    )  # own Redis database
     assert all("--pool-start-method=spawn" in cmd and "-c" in cmd for cmd, _ in cmds)
     ((cpu_cmd, cpu_env),) = worker_commands([], "ask,prelabel")
     assert cpu_env["CUDA_VISIBLE_DEVICES"] == "" and "ask,prelabel" in cpu_cmd
@@ -340,3 +358,36 @@ def test_fiftyone_operator_submits_to_the_pool_and_the_worker_writes_the_dataset
     status = foo.execute_operator("@stllm/labeling/job_status", dataset=ds)
     assert status.result["jobs"][0]["state"] == "SUCCESS"
     ds.delete()
+
+
+def test_stllm_up_starts_redis_and_a_worker_and_stops_them_on_ctrl_c(model_dir, tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STLLM_BROKER")}
+    env.update(STLLM_MODEL=model_dir, STLLM_DTYPE="fp32")
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "up",
+            "--port",
+            str(port),
+            "--state",
+            str(tmp_path / "state"),
+            "--queues",
+            "ask,prelabel",
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while "serves" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"redis://127.0.0.1:{port}/0" in log.read_text() and "serves" in log.read_text()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(60) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

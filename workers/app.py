@@ -5,8 +5,13 @@
     STLLM_MODEL            model a worker serves (default: builtin)
     STLLM_MODEL_STORE      model store directory (default: ~/.stllm/models)
     STLLM_TASK_TIME_LIMIT  hard limit of one task in seconds (default 3600); soft limit 90% of it
+    STLLM_ROUND_BROKER_URL broker of fine-tune rounds (default: the next Redis database of the broker URL)
+    STLLM_ROUND_TIME_LIMIT hard limit of one round in seconds (default 86400)
 
-Queues: ``ask`` and ``prelabel`` (a worker serving both drains ``ask`` first), ``finetune``.
+Queues: ``ask`` and ``prelabel`` (a worker serving both drains ``ask`` first) on ``app``; ``finetune`` on
+``round_app``, in its own Redis database with a visibility timeout above the longest round, so a
+prediction task's short timeout never requeues a running round and a round's long one never delays the
+redelivery of a lost prediction task.
 Settings follow what a GPU pool needs: late acks, prefetch of one, redelivery of a lost worker's task
 (bounded retries so a poison video cannot loop), a visibility timeout above the longest task.
 """
@@ -14,6 +19,7 @@ Settings follow what a GPU pool needs: late acks, prefetch of one, redelivery of
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -25,12 +31,23 @@ def broker_url() -> str | None:
     return os.environ.get("STLLM_BROKER_URL") or None
 
 
-def _config() -> dict:
-    hard = int(os.environ.get("STLLM_TASK_TIME_LIMIT", "3600"))
-    visibility = int(os.environ.get("STLLM_VISIBILITY_TIMEOUT", str(2 * hard)))
+def round_broker_url() -> str | None:
+    """Fine-tune rounds' broker: STLLM_ROUND_BROKER_URL, else the broker URL's Redis database + 1."""
+    explicit = os.environ.get("STLLM_ROUND_BROKER_URL")
+    if explicit or not broker_url():
+        return explicit or None
+    parts = urlsplit(broker_url())
+    if not parts.scheme.startswith("redis"):
+        return broker_url()
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{db + 1}"))
+
+
+def _config(url: str | None, hard: int, visibility_env: str) -> dict:
+    visibility = int(os.environ.get(visibility_env, str(2 * hard)))
     return dict(
-        broker_url=broker_url() or "memory://",
-        result_backend=os.environ.get("STLLM_RESULT_BACKEND") or broker_url() or "cache+memory://",
+        broker_url=url or "memory://",
+        result_backend=os.environ.get("STLLM_RESULT_BACKEND") or url or "cache+memory://",
         # each queue its own direct exchange and key: a message reaches exactly one queue
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         task_default_queue="prelabel",
@@ -70,4 +87,14 @@ def _config() -> dict:
 
 
 app = Celery("stllm", include=["workers.tasks"])
-app.conf.update(_config())
+app.conf.update(
+    _config(broker_url(), int(os.environ.get("STLLM_TASK_TIME_LIMIT", "3600")), "STLLM_VISIBILITY_TIMEOUT")
+)
+round_app = Celery("stllm-rounds", include=["workers.tasks"])
+round_app.conf.update(
+    _config(
+        round_broker_url(),
+        int(os.environ.get("STLLM_ROUND_TIME_LIMIT", "86400")),
+        "STLLM_ROUND_VISIBILITY_TIMEOUT",
+    )
+)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.app import app, broker_url
+from workers.app import app, broker_url, round_app
 from workers.schemas import AskSettings, PrelabelSettings, parse_labels
 
 _JOB_KEY = "stllm:job:{}"
@@ -204,7 +204,7 @@ def submit_round(snapshot: dict, settings: dict | None = None, store_root: str |
 def round_status(task_id: str) -> tuple[str, dict]:
     """(state, info) of a round submitted with :func:`submit_round`: PROGRESS info has stage and step;
     SUCCESS info is the round's result (version, promoted, metrics); FAILURE info is the error."""
-    r = app.AsyncResult(task_id)
+    r = round_app.AsyncResult(task_id)
     info = r.info
     if isinstance(info, Exception):
         info = {"error": f"{info.__class__.__name__}: {info}"}

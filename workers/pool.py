@@ -14,29 +14,44 @@ from pathlib import Path
 
 
 def worker_commands(gpus: list[str], queues: str, name: str = "stllm") -> list[tuple[list[str], dict]]:
-    """One ``celery worker`` per GPU (each sees only its GPU), or one on CPU when ``gpus`` is empty.
-    prefork with a single child started by spawn: the model loads in the child at start, CUDA never
-    crosses a fork."""
-    base = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        "1",
-        "--pool-start-method=spawn",
-        "-Q",
-        queues,
-        "-l",
-        "INFO",
-    ]
-    if not gpus:
-        return [(base + ["-n", f"{name}-cpu@%h"], {"CUDA_VISIBLE_DEVICES": ""})]
-    return [(base + ["-n", f"{name}-gpu{g}@%h"], {"CUDA_VISIBLE_DEVICES": g}) for g in gpus]
+    """One ``celery worker`` per GPU (each sees only its GPU), or one on CPU when ``gpus`` is empty, for the
+    prediction queues; prefork with a single child started by spawn: the model loads in the child at
+    start, CUDA never crosses a fork. With ``finetune`` among the queues, one more worker serves rounds
+    (on the first GPU), from their own broker database."""
+    wanted = [q for q in queues.split(",") if q]
+    predict = [q for q in wanted if q != "finetune"]
+
+    def command(app: str, qs: list[str], node: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "--pool-start-method=spawn",
+            "-Q",
+            ",".join(qs),
+            "-n",
+            node,
+            "-l",
+            "INFO",
+        ]
+
+    out = []
+    if predict:
+        if not gpus:
+            out.append((command("workers.app", predict, f"{name}-cpu@%h"), {"CUDA_VISIBLE_DEVICES": ""}))
+        for g in gpus:
+            out.append((command("workers.app", predict, f"{name}-gpu{g}@%h"), {"CUDA_VISIBLE_DEVICES": g}))
+    if "finetune" in wanted:
+        env = {"CUDA_VISIBLE_DEVICES": gpus[0] if gpus else "", "STLLM_WORKER_ROLE": "rounds"}
+        out.append((command("workers.app:round_app", ["finetune"], f"{name}-rounds@%h"), env))
+    return out
 
 
 def detect_gpus() -> list[str]:

@@ -137,6 +137,26 @@ class FiftyOneSink:
             ds.set_values(f"{self.field}_moment", moments, key_field="id")
             ds.set_values(f"{self.field}_version", versions, key_field="id")
         ds.set_values(f"{self.field}_error", errors, key_field="id")
+        self._fill_metadata(ds, rows)
+
+    @staticmethod
+    def _fill_metadata(ds, rows: list[tuple[str, dict]]) -> None:
+        """Video metadata from the worker's own probe (PyAV), for samples that have none: FiftyOne's
+        compute_metadata needs ffprobe, which many machines lack, and TemporalDetection.from_timestamps
+        and the App's timeline need frame rate and count."""
+        import fiftyone as fo
+
+        view = ds.select([sid for sid, _ in rows])
+        have = dict(zip(view.values("id"), view.values("metadata"), strict=True))
+        values = {}
+        for sid, r in rows:
+            meta = r.get("meta")
+            if meta and have.get(sid) is None:
+                values[sid] = fo.VideoMetadata(
+                    frame_rate=meta["fps"], total_frame_count=meta["n_frames"], duration=meta["duration"]
+                )
+        if values:
+            ds.set_values("metadata", values, key_field="id")
 
 
 def sink_from(description: dict | None):

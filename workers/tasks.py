@@ -10,7 +10,7 @@ import os
 
 from celery.signals import worker_process_init
 
-from workers.app import app, broker_url
+from workers.app import app, broker_url, round_app
 from workers.registry import ModelStore
 from workers.sinks import sink_from
 
@@ -51,7 +51,8 @@ def served_model():
 
 @worker_process_init.connect
 def _load_model_at_start(**_) -> None:
-    served_model()
+    if os.environ.get("STLLM_WORKER_ROLE") != "rounds":  # a rounds worker loads what each round needs
+        served_model()
 
 
 def _cancel_key(job_id: str) -> str:
@@ -112,7 +113,7 @@ def ping(self) -> dict:
     return {"version": served_model().version, "pid": os.getpid(), "hostname": self.request.hostname}
 
 
-@app.task(name="stllm.finetune", bind=True, max_retries=1)
+@round_app.task(name="stllm.finetune", bind=True, max_retries=1)
 def finetune(self, snapshot: dict, settings: dict, store_root: str | None = None) -> dict:
     """Run a fine-tune round on the ``finetune`` queue; progress as PROGRESS states (stage, step, loss).
     Redelivered after a lost worker, it resumes from the round's last checkpoint."""
