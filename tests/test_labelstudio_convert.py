@@ -1,0 +1,104 @@
+"""Label Studio label configs and timelinelabels <-> segments (no server needed for these)."""
+
+from __future__ import annotations
+
+import pytest
+
+from labelstudio_backend.config import ConfigError, parse_label_config
+from labelstudio_backend.timeline import prediction_from_result, segments_from_regions
+
+CONFIG = """
+<View>
+  <Video name="video" value="$video" frameRate="25.0"/>
+  <TimelineLabels name="events" toName="video">
+    <Label value="jam" hint="the conveyor stopped"/><Label value="hand" alias="H"/><Label value="defect"/>
+  </TimelineLabels>
+</View>"""
+
+
+def test_config_gives_video_frame_rate_and_labels_with_descriptions():
+    c = parse_label_config(CONFIG)
+    assert (c.video_name, c.video_key, c.frame_rate, c.from_name) == ("video", "video", 25.0, "events")
+    assert [(x.name, x.description) for x in c.labels] == [
+        ("jam", "the conveyor stopped"),
+        ("hand", "H"),
+        ("defect", ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    "xml, reason",
+    [
+        ("", "empty"),
+        ("<View><Video", "not valid XML"),
+        ('<View><Image name="i" value="$image"/></View>', "no <Video>"),
+        (
+            '<View><Video name="v" value="$video"/><Labels name="l" toName="v"><Label value="a"/></Labels></View>',
+            "TimelineLabels",
+        ),
+        (
+            '<View><Video name="v" value="$video"/><TimelineLabels name="t" toName="v"></TimelineLabels></View>',
+            "no <Label>",
+        ),
+        (
+            '<View><Video name="v" value="$video"/><TimelineLabels name="t" toName="x"><Label value="a"/></TimelineLabels></View>',
+            "toName",
+        ),
+        (
+            '<View><Video name="v" value="$video" frameRate="fast"/><TimelineLabels name="t" toName="v"><Label value="a"/></TimelineLabels></View>',
+            "not a number",
+        ),
+    ],
+)
+def test_configs_that_cannot_be_served_are_refused_with_the_reason(xml, reason):
+    with pytest.raises(ConfigError, match=reason):
+        parse_label_config(xml)
+
+
+def _result(segments, duration=10.0, fps=10.0):
+    return {
+        "video": "v.mp4",
+        "model_version": "round-3",
+        "segments": segments,
+        "meta": {"fps": fps, "n_frames": int(duration * fps), "duration": duration},
+    }
+
+
+def test_prediction_ranges_use_the_project_frame_rate_and_are_clamped():
+    c = parse_label_config(CONFIG)  # 25 fps in the project; the file is 10 fps
+    seg = {"label": "jam", "start_s": 1.0, "end_s": 2.0, "first_frame": 11, "last_frame": 20, "score": 0.8}
+    late = {
+        "label": "hand",
+        "start_s": 9.5,
+        "end_s": 12.0,
+        "first_frame": 96,
+        "last_frame": 100,
+        "score": 0.6,
+    }
+    unknown = {
+        "label": "not-in-config",
+        "start_s": 0,
+        "end_s": 1,
+        "first_frame": 1,
+        "last_frame": 10,
+        "score": 0.9,
+    }
+    p = prediction_from_result(_result([seg, late, unknown]), c)
+    assert p["model_version"] == "round-3" and p["score"] == pytest.approx(0.7)
+    ranges = [(r["value"]["timelinelabels"][0], r["value"]["ranges"][0]) for r in p["result"]]
+    assert ranges == [("jam", {"start": 26, "end": 50}), ("hand", {"start": 238, "end": 250})]
+    assert all(
+        r["type"] == "timelinelabels" and r["from_name"] == "events" and r["to_name"] == "video"
+        for r in p["result"]
+    )
+
+
+def test_annotation_regions_become_segments_and_round_trip():
+    c = parse_label_config(CONFIG)
+    seg = {"label": "jam", "start_s": 1.0, "end_s": 2.0, "first_frame": 11, "last_frame": 20, "score": 0.8}
+    regions = prediction_from_result(_result([seg]), c)["result"]
+    back = segments_from_regions(regions, c)
+    assert back == [
+        {"label": "jam", "start_s": 1.0, "end_s": 2.0, "first_frame": 26, "last_frame": 50, "score": 1.0}
+    ]
+    assert segments_from_regions([{"type": "labels", "from_name": "x", "value": {}}], c) == []
