@@ -62,13 +62,17 @@ def _target_samples(ctx) -> tuple[list[str], dict[str, str]]:
     return paths, dict(zip(paths, ids, strict=True))
 
 
-class PrelabelEvents(foo.Operator):
+class _PoolOperator(foo.Operator):
+    """An operator whose work runs on the pool when one is configured, else as a delegated operation."""
+
+    name = label = description = ""
+
     @property
     def config(self):
         return foo.OperatorConfig(
-            name="prelabel_events",
-            label="ST-LLM: pre-label events",
-            description="Event segments with scores on every video of the target, from the served model version",
+            name=self.name,
+            label=self.label,
+            description=self.description,
             allow_immediate_execution=True,
             allow_delegated_execution=True,
             default_choice_to_delegated=True,
@@ -76,7 +80,13 @@ class PrelabelEvents(foo.Operator):
         )
 
     def resolve_delegation(self, ctx):
-        return not _pool_configured()  # without a pool, the work itself runs: never in the immediate window
+        return not _pool_configured()  # without a pool the work itself runs: never in the immediate window
+
+
+class PrelabelEvents(_PoolOperator):
+    name = "prelabel_events"
+    label = "ST-LLM: pre-label events"
+    description = "Event segments with scores on every video of the target, from the served model version"
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -148,21 +158,10 @@ class PrelabelEvents(foo.Operator):
         return types.Property(outputs)
 
 
-class AskVideos(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="ask_videos",
-            label="ST-LLM: ask a question",
-            description="An answer, P(yes) for yes/no questions, and the best-matching moment on each video",
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-            dynamic=True,
-        )
-
-    def resolve_delegation(self, ctx):
-        return not _pool_configured()
+class AskVideos(_PoolOperator):
+    name = "ask_videos"
+    label = "ST-LLM: ask a question"
+    description = "An answer, P(yes) for yes/no questions, and the best-matching moment on each video"
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -196,21 +195,10 @@ class AskVideos(foo.Operator):
         return {"job_id": job, "videos": len(paths), "state": st.state}
 
 
-class FinetuneRound(foo.Operator):
-    @property
-    def config(self):
-        return foo.OperatorConfig(
-            name="finetune_round",
-            label="ST-LLM: start a fine-tune round",
-            description="Train on a field of human-checked events; promoted only if it measures better",
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-            dynamic=True,
-        )
-
-    def resolve_delegation(self, ctx):
-        return not _pool_configured()
+class FinetuneRound(_PoolOperator):
+    name = "finetune_round"
+    label = "ST-LLM: start a fine-tune round"
+    description = "Train on a field of human-checked events; promoted only if it measures better"
 
     def resolve_input(self, ctx):
         inputs = types.Object()

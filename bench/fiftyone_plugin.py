@@ -1,7 +1,7 @@
 """FiftyOne plugin figures: how long the pre-label operator takes to return on a 200-video view (it only
 submits), and end-to-end time for 20 generated videos through one CPU worker (builtin model).
 
-    .venv/bin/python bench/fiftyone.py
+    .venv/bin/python bench/fiftyone_plugin.py
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
         worker.wait(60)
     finally:
         redis.terminate()
-    print("\ncommand: .venv/bin/python bench/fiftyone.py")
+    print("\ncommand: .venv/bin/python bench/fiftyone_plugin.py")
 
 
 if __name__ == "__main__":
