@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, ".")
 from workers.demo import run_demo  # noqa: E402
-from workers.jobs import _decode_windows, _max_side, prelabel_videos, window_probabilities  # noqa: E402
+from workers.jobs import decode_side, decode_windows, prelabel_videos, window_probabilities  # noqa: E402
 from workers.linevideo import EVENT_DESCRIPTIONS, generate_dataset  # noqa: E402
 from workers.schemas import PrelabelSettings, parse_labels  # noqa: E402
 from workers.stllm.io import load_model  # noqa: E402
@@ -56,7 +56,9 @@ def main() -> None:
     decode = vision = llm = 0.0
     for p in paths:
         t0 = time.perf_counter()
-        d = _decode_windows(p, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, _max_side(model))
+        d = decode_windows(
+            p, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
+        )
         t1 = time.perf_counter()
         model.frame_features(d.frames)
         t2 = time.perf_counter()

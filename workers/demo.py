@@ -18,7 +18,7 @@ import numpy as np
 from workers.corrections import Snapshot, snapshot_from_ground_truth
 from workers.evaluation import EvaluationReport, evaluate
 from workers.events import Segment, segments_from_probabilities
-from workers.jobs import _window_cores, prelabel_videos
+from workers.jobs import prelabel_videos, window_cores
 from workers.linevideo import EVENT_DESCRIPTIONS, EVENTS, generate_dataset
 from workers.registry import ModelStore
 from workers.rounds import RoundSettings, init_store, run_round
@@ -36,7 +36,7 @@ def baseline_segments(
         return [
             Segment.from_seconds(label, 0.0, meta.duration, meta.fps, meta.n_frames, 1.0) for label in EVENTS
         ]
-    cores = _window_cores([tuple(w) for w in result.windows], settings.stride_s, meta.duration)
+    cores = window_cores([tuple(w) for w in result.windows], settings.stride_s, meta.duration)
     out: list[Segment] = []
     for label in EVENTS:
         probs = rng.uniform(0, 1, len(cores))

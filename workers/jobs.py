@@ -52,9 +52,11 @@ class DecodedVideo:
     global_index: torch.Tensor  # (G,) indices into frames
 
 
-def _decode_windows(
+def decode_windows(
     path: str, window_s: float, stride_s: float, per_window: int, n_global: int, max_side: int
 ) -> DecodedVideo:
+    """Probe ``path`` and decode, once each, the frames of every window (segment midpoints) and
+    ``n_global`` frames over the whole video, downscaled to ``max_side``. Raises VideoError."""
     info = probe(path)
     spans = windows(info.duration, window_s, stride_s)
     wanted = [segment_times(s, e, per_window) for s, e in spans]
@@ -108,8 +110,9 @@ def _error_text(e: Exception) -> str:
     return str(e) if isinstance(e, VideoError) else f"{e.__class__.__name__}: {e}"
 
 
-def _max_side(model: STLLM) -> int:
-    # decode at about twice the encoder's input size: enough for its resize + crop, far cheaper than full HD
+def decode_side(model: STLLM) -> int:
+    """Longest side frames are decoded at: about twice the encoder's input, enough for its resize and crop
+    and far cheaper than converting full-HD frames."""
     return 2 * model.backbone.image_size
 
 
@@ -147,8 +150,8 @@ def prelabel_videos(
     results = []
 
     def decode(path: str) -> DecodedVideo:
-        return _decode_windows(
-            path, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, _max_side(model)
+        return decode_windows(
+            path, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
         )
 
     for path, decoded in prefetch(videos, decode):
@@ -157,7 +160,7 @@ def prelabel_videos(
                 raise decoded
             info = decoded.info
             probs = window_probabilities(model, decoded, questions, s.window_batch)
-            cores = _window_cores(decoded.spans, s.stride_s, info.duration)
+            cores = window_cores(decoded.spans, s.stride_s, info.duration)
             segments = []
             for j, label in enumerate(labels):
                 segments += segments_from_probabilities(
@@ -190,7 +193,7 @@ def prelabel_videos(
     return results
 
 
-def _window_cores(
+def window_cores(
     spans: list[tuple[float, float]], stride: float, duration: float
 ) -> list[tuple[float, float]]:
     """The part of time each window stands for: ``stride`` seconds around its centre, so that consecutive
@@ -224,13 +227,13 @@ def ask_videos(
     results = []
 
     def decode(path: str) -> DecodedVideo:
-        return _decode_windows(
+        return decode_windows(
             path,
             s.window_s,
             s.stride_s,
             s.frames_per_window,
             max(s.global_frames, s.frames),
-            _max_side(model),
+            decode_side(model),
         )
 
     for path, decoded in prefetch(videos, decode):

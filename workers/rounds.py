@@ -23,7 +23,7 @@ from pathlib import Path
 from workers.corrections import Snapshot, save_snapshot, split_of
 from workers.evaluation import evaluate
 from workers.events import Segment, windows
-from workers.jobs import _decode_windows, _max_side, prelabel_videos
+from workers.jobs import decode_side, decode_windows, prelabel_videos
 from workers.registry import ModelStore, RegistryError
 from workers.schemas import PrelabelSettings
 from workers.stllm.train import Example, TrainSettings, VideoFeatures, train
@@ -166,13 +166,13 @@ def run_round(
             by_id = {v.video_id: v for v in snapshot.videos}
             feats, index = [], {}
             for i in train_ids:
-                d = _decode_windows(
+                d = decode_windows(
                     by_id[i].video,
                     p.window_s,
                     p.stride_s,
                     p.frames_per_window,
                     p.global_frames,
-                    _max_side(model),
+                    decode_side(model),
                 )
                 index[i] = len(feats)
                 feats.append(VideoFeatures(model.frame_features(d.frames), d.window_index, d.global_index))
