@@ -65,8 +65,8 @@ def bench_training(model, name: str, feat_dim: int, k: int, repeat: int, batch: 
         ):
             step = functools.partial(train_step, model, opt, feats, gfeats, ids, labels, mask, masking, mvm)
             t = timed(step, repeat)
-            vid = frames * k
-            tokens = batch * (vid + ids.shape[1])
+            head = len(model.text_ids(model.prompt_head))  # the chat header in front of the video
+            tokens = batch * (head + frames * k + ids.shape[1])
             layout = f"{frames} frames" + (f" + global over {n_global}" if n_global else "")
             print(
                 f"  {name:<8} {layout:<28} {mode:<13} step {t * 1000:8.1f} ms   {tokens / t:9.0f} input tokens/s"

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, ".")
-from workers.demo import run_demo  # noqa: E402
+from workers.demo import baseline_segments  # noqa: E402
+from workers.evaluation import evaluate  # noqa: E402
+from workers.events import Segment  # noqa: E402
 from workers.jobs import decode_side, decode_windows, prelabel_videos, window_probabilities  # noqa: E402
 from workers.linevideo import EVENT_DESCRIPTIONS, generate_dataset  # noqa: E402
 from workers.schemas import PrelabelSettings, parse_labels  # noqa: E402
@@ -72,8 +74,22 @@ def main() -> None:
     )
 
     if args.map_videos:
-        print(f"\nmAP on {args.map_videos} generated 30 s videos (untrained builtin vs baselines)")
-        run_demo(work / "map", n_videos=args.map_videos, duration=30.0)
+        import numpy as np
+
+        recs = generate_dataset(work / "map", args.map_videos, seed=1000, duration=30.0)
+        gt = {r["video"]: [Segment.from_dict(x) for x in r["segments"]] for r in recs}
+        results = prelabel_videos(model, list(gt), labels, s)
+        rng = np.random.default_rng(0)
+        rows = {
+            "builtin (untrained)": evaluate(
+                {r.video: [Segment.from_dict(x) for x in r.segments] for r in results}, gt
+            ),
+            "random": evaluate({r.video: baseline_segments(r, "random", s, rng) for r in results}, gt),
+            "constant": evaluate({r.video: baseline_segments(r, "constant", s, rng) for r in results}, gt),
+        }
+        print(f"\nmAP on {args.map_videos} generated 30 s videos")
+        for name, rep in rows.items():
+            print(f"  {name:<20} mAP@0.5 {rep.map_at(0.5):.3f}   mAP(0.3-0.7) {rep.mean_ap:.3f}")
     print("\ncommand: .venv/bin/python bench/prelabel.py")
 
 
