@@ -352,6 +352,27 @@ def cmd_fiftyone(args) -> int:
     return 0
 
 
+def cmd_labelstudio(args) -> int:
+    """Serve the Label Studio ML backend with gunicorn (a production WSGI server)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{args.host}:{args.port}",
+        "--workers",
+        str(args.workers),
+        "--threads",
+        "4",
+        "--timeout",
+        "120",
+        "labelstudio_backend.app:create_app()",
+    ]
+    print(f"serving the Label Studio ML backend on http://{args.host}:{args.port}", file=sys.stderr)
+    os.execv(sys.executable, cmd)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from workers.demo import run_demo
 
@@ -459,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = rsub.add_parser("rollback", help="serve an earlier VERSION again")
     r.add_argument("version")
     p.set_defaults(func=cmd_round)
+
+    p = sub.add_parser("labelstudio", help="Label Studio ML backend")
+    lsub = p.add_subparsers(dest="labelstudio_command", required=True, metavar="ACTION")
+    ls_serve = lsub.add_parser(
+        "serve", help="serve /health, /setup, /predict, /webhook, /metrics with gunicorn"
+    )
+    ls_serve.add_argument("--host", default="127.0.0.1")
+    ls_serve.add_argument("--port", type=int, default=9090)
+    ls_serve.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_labelstudio)
 
     p = sub.add_parser("fiftyone", help="FiftyOne integration")
     fsub = p.add_subparsers(dest="fiftyone_command", required=True, metavar="ACTION")

@@ -104,7 +104,8 @@ def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen
 
 def run_children(children: list[subprocess.Popen]) -> int:
     """Wait for the children; on Ctrl-C/SIGTERM stop them all (warm shutdown: running tasks finish or,
-    with late acks, go back to the queue)."""
+    with late acks, go back to the queue) and return 0. If a child ends by itself, stop the others and
+    return its exit status."""
     stopping = False
 
     def stop(*_):
@@ -112,8 +113,10 @@ def run_children(children: list[subprocess.Popen]) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    died = None
     try:
-        while not stopping and all(c.poll() is None for c in children):
+        while not stopping and died is None:
+            died = next((c for c in children if c.poll() is not None), None)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
@@ -125,7 +128,7 @@ def run_children(children: list[subprocess.Popen]) -> int:
             c.wait(60)
         except subprocess.TimeoutExpired:
             c.kill()
-    return max((c.returncode or 0) for c in children)
+    return (died.returncode or 1) if died is not None else 0
 
 
 def start_workers(gpus: list[str], queues: str) -> list[subprocess.Popen]:

@@ -159,6 +159,36 @@ class FiftyOneSink:
             ds.set_values("metadata", values, key_field="id")
 
 
+class LabelStudioCacheSink:
+    """Pre-labels for Label Studio tasks, converted to timelinelabels predictions at the project's frame
+    rate and kept where the backend's /predict serves them (one per task and model version)."""
+
+    def __init__(self, path: str, config: str, tasks: dict[str, int]):
+        self.cache, self.config, self.tasks = JsonlSink(path), config, tasks
+
+    def write(self, records: list[dict]) -> None:
+        from labelstudio_backend.config import parse_label_config
+        from labelstudio_backend.timeline import prediction_from_result
+
+        cfg = parse_label_config(self.config)
+        out = []
+        for r in records:
+            task = self.tasks.get(r["video"])
+            if task is None or r["error"] is not None:
+                continue
+            out.append(
+                {
+                    "video": f"task:{task}",
+                    "model_version": r["model_version"],
+                    "task": task,
+                    "prediction": prediction_from_result(r, cfg),
+                    "variable_frame_rate": r["meta"]["variable_frame_rate"],
+                }
+            )
+        if out:
+            self.cache.write(out)
+
+
 def sink_from(description: dict | None):
     """Rebuild a sink from its JSON description (what a job carries to the workers)."""
     if not description:
@@ -166,6 +196,8 @@ def sink_from(description: dict | None):
     kind = description.get("kind")
     if kind == "jsonl":
         return JsonlSink(description["path"])
+    if kind == "labelstudio-cache":
+        return LabelStudioCacheSink(description["path"], description["config"], description["tasks"])
     if kind == "fiftyone":
         return FiftyOneSink(
             description["dataset"], description["field"], description["job"], description["ids"]

@@ -1,0 +1,209 @@
+"""The ML-backend protocol with Flask's test client and payloads shaped like Label Studio's."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from labelstudio_backend.app import BackendSettings, corrections_log, create_app
+from labelstudio_backend.media import MediaError, resolve_local
+from workers.linevideo import generate_dataset
+from workers.sinks import JsonlSink
+
+CONFIG = """<View><Video name="video" value="$video" frameRate="10"/>
+<TimelineLabels name="events" toName="video"><Label value="jam"/><Label value="hand"/></TimelineLabels></View>"""
+
+
+@pytest.fixture()
+def backend(tmp_path, monkeypatch, model_dir):
+    monkeypatch.delenv("STLLM_BROKER_URL", raising=False)
+    monkeypatch.setenv("STLLM_MODEL", model_dir)
+    monkeypatch.setenv("STLLM_DTYPE", "fp32")
+    root = tmp_path / "media"
+    records = generate_dataset(root / "line", 2, seed=800, duration=6.0)
+    settings = BackendSettings(state=tmp_path / "state", document_root=str(root))
+    app = create_app(settings)
+    return app.test_client(), settings, [r["video"] for r in records]
+
+
+def task(i: int, rel: str) -> dict:
+    return {"id": i, "data": {"video": f"/data/local-files/?d={rel}"}}
+
+
+def test_health_and_setup_are_cheap_and_name_the_served_version(backend):
+    client, _, _ = backend
+    assert client.get("/health").json == {
+        "status": "UP",
+        "model_class": "ST-LLM",
+        "model_version": "tiny@base",
+    }
+    r = client.post(
+        "/setup",
+        json={"project": "3.1700000000", "schema": CONFIG, "hostname": "http://ls", "access_token": "x"},
+    )
+    assert r.status_code == 200 and r.json == {"model_version": "tiny@base"}
+
+
+def test_setup_refuses_a_config_it_cannot_serve(backend):
+    client, _, _ = backend
+    r = client.post("/setup", json={"schema": '<View><Image name="i" value="$image"/></View>'})
+    assert r.status_code == 400 and "no <Video>" in r.json["error"]
+
+
+def test_predict_enqueues_then_serves_the_workers_predictions(backend):
+    client, settings, _ = backend
+    tasks = [task(1, "line/line_00800.mp4"), task(2, "line/line_00801.mp4"), task(3, "../../etc/passwd")]
+    first = client.post(
+        "/predict",
+        json={"tasks": tasks, "label_config": CONFIG, "project": "1.1", "params": {"context": None}},
+    )
+    assert first.status_code == 200 and len(first.json["results"]) == 3  # one per task, aligned
+    assert all(
+        r["result"] == [] for r in first.json["results"]
+    )  # nothing made yet: never computed in the request
+    cache = JsonlSink(settings.state / "predictions.jsonl")
+    deadline = time.monotonic() + 60
+    while len(cache.read()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    made = {r["task"]: r["prediction"] for r in cache.read()}
+    assert set(made) == {1, 2} and all(p["model_version"] == "tiny@base" for p in made.values())
+    results = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).json["results"]
+    assert results[:2] == [made[1], made[2]]  # served from what the worker made, for the served version
+    assert results[2]["result"] == []  # the path escape was refused, not served
+    assert "media_errors 2" in client.get("/metrics").text  # refused on both calls
+
+
+ANNOTATION = {
+    "id": 41,
+    "task": 1,
+    "result": [
+        {
+            "type": "timelinelabels",
+            "from_name": "events",
+            "to_name": "video",
+            "value": {"ranges": [{"start": 3, "end": 9}], "timelinelabels": ["jam"]},
+        }
+    ],
+    "parent_prediction": 7,
+    "origin": "prediction-changed",
+    "updated_at": "2026-11-27T10:00:00Z",
+}
+
+
+def test_webhook_records_corrections_once_per_update(backend):
+    client, settings, _ = backend
+    body = {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "task": {"id": 1}, "annotation": ANNOTATION}
+    assert client.post("/webhook", json=body).status_code == 201
+    assert client.post("/webhook", json=body).status_code == 201  # a repeat
+    updated = {
+        **body,
+        "action": "ANNOTATION_UPDATED",
+        "annotation": {**ANNOTATION, "updated_at": "2026-11-27T11:00:00Z"},
+    }
+    assert client.post("/webhook", json=updated).status_code == 201
+    bulk = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": {"id": 1},
+        "annotations": [{**ANNOTATION, "id": 42}, {**ANNOTATION, "id": 43}],
+    }
+    assert client.post("/webhook", json=bulk).json["count"] == 2
+    deleted = {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": [{"id": 43}]}
+    assert client.post("/webhook", json=deleted).status_code == 201
+    log = corrections_log(settings)
+    assert sorted((r["annotation"], r["model_version"]) for r in log) == [
+        (41, "2026-11-27T10:00:00Z"),
+        (41, "2026-11-27T11:00:00Z"),
+        (42, "2026-11-27T10:00:00Z"),
+        (43, ""),
+        (43, "2026-11-27T10:00:00Z"),
+    ]
+    assert {r["parent_prediction"] for r in log if r["annotation"] == 41} == {7}
+    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert r.status_code == 201 and r.json["project"] == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        "not json",
+        {"action": "NOPE"},
+        {"action": "ANNOTATION_CREATED"},
+        {"action": "ANNOTATION_CREATED", "annotation": {"no": "id"}},
+        {"action": "START_TRAINING"},
+        {"action": "ANNOTATIONS_CREATED", "annotations": "x"},
+    ],
+)
+def test_malformed_webhooks_get_a_4xx_with_a_reason(backend, body):
+    client, _, _ = backend
+    r = client.post(
+        "/webhook",
+        data=body if isinstance(body, str) else None,
+        json=body if not isinstance(body, str) else None,
+    )
+    assert 400 <= r.status_code < 500 and r.json["error"]
+
+
+def test_malformed_predict_and_setup_get_a_4xx(backend):
+    client, _, _ = backend
+    assert client.post("/predict", json={"tasks": "x", "label_config": CONFIG}).status_code == 400
+    assert client.post("/predict", json={"tasks": [{"id": 1}], "label_config": ""}).status_code == 400
+    assert client.post("/setup", data="<xml>").status_code == 400
+
+
+def test_basic_auth_when_configured(tmp_path):
+    app = create_app(BackendSettings(state=tmp_path, auth_user="ls", auth_password="secret"))
+    c = app.test_client()
+    assert c.get("/health").status_code == 200
+    assert c.post("/setup", json={"schema": CONFIG}).status_code == 401
+    ok = c.post("/setup", json={"schema": CONFIG}, headers={"Authorization": "Basic bHM6c2VjcmV0"})
+    assert ok.status_code == 200
+
+
+def test_local_files_resolve_under_the_document_root_only(tmp_path):
+    assert resolve_local("/data/local-files/?d=a/b.mp4", tmp_path) == tmp_path.resolve() / "a" / "b.mp4"
+    for bad in (
+        "/data/local-files/?d=../x.mp4",
+        "/data/local-files/?d=%2e%2e/x",
+        "http://evil.example/v.mp4",
+        "/tmp/x.mp4",
+        "",
+    ):
+        with pytest.raises(MediaError):
+            resolve_local(bad, tmp_path)
+
+
+def test_stllm_labelstudio_serve_answers_health_over_http(tmp_path, model_dir):
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_LS_STATE": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "labelstudio", "serve", "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    assert json.load(r)["model_version"] == "tiny@base"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the backend did not answer"
+                time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
