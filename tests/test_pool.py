@@ -360,8 +360,13 @@ def test_fiftyone_operator_submits_to_the_pool_and_the_worker_writes_the_dataset
     ds.delete()
 
 
-def test_stllm_up_starts_redis_and_a_worker_and_stops_them_on_ctrl_c(model_dir, tmp_path):
-    port = _free_port()
+def test_stllm_up_starts_redis_a_worker_and_the_labelstudio_backend_and_stops_them_on_ctrl_c(
+    model_dir, tmp_path
+):
+    import json
+    import urllib.request
+
+    port, ls_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STLLM_BROKER")}
     env.update(STLLM_MODEL=model_dir, STLLM_DTYPE="fp32")
     log = tmp_path / "up.log"
@@ -377,6 +382,8 @@ def test_stllm_up_starts_redis_and_a_worker_and_stops_them_on_ctrl_c(model_dir, 
             str(tmp_path / "state"),
             "--queues",
             "ask,prelabel",
+            "--labelstudio",
+            str(ls_port),
         ],
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
@@ -387,7 +394,18 @@ def test_stllm_up_starts_redis_and_a_worker_and_stops_them_on_ctrl_c(model_dir, 
     while "serves" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert f"redis://127.0.0.1:{port}/0" in log.read_text() and "serves" in log.read_text()
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ls_port}/health", timeout=1) as r:
+                assert json.load(r)["status"] == "UP"
+                break
+        except OSError:
+            assert time.monotonic() < deadline, (
+                f"the Label Studio backend did not answer:\n{log.read_text()[-3000:]}"
+            )
+            time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(60) == 0
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    for p in (port, ls_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", p), timeout=0.5).close()

@@ -203,6 +203,12 @@ def cmd_up(args) -> int:
     print(f"redis at {url}; export STLLM_BROKER_URL={url} to submit jobs", file=sys.stderr)
     gpus = args.gpus.split(",") if args.gpus else detect_gpus()
     children = start_workers(gpus, args.queues)
+    if args.labelstudio:
+        import subprocess
+
+        serve = [sys.executable, "-m", "workers.cli", "labelstudio", "serve", "--port", str(args.labelstudio)]
+        children.append(subprocess.Popen(serve))
+        print(f"Label Studio ML backend at http://127.0.0.1:{args.labelstudio}", file=sys.stderr)
     try:
         return run_children(children)
     finally:
@@ -447,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=os.environ.get("STLLM_MODEL", "builtin"))
     p.add_argument("--port", type=int, default=6379)
     p.add_argument("--state", default=".stllm", help="folder for redis data (default .stllm)")
+    p.add_argument(
+        "--labelstudio", type=int, metavar="PORT", default=None, help="also serve the Label Studio backend"
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("round", help="fine-tune rounds: init a model store, start, list, promote, roll back")
