@@ -175,13 +175,11 @@ def test_local_files_resolve_under_the_document_root_only(tmp_path):
 
 
 def test_stllm_labelstudio_serve_answers_health_over_http(tmp_path, model_dir):
-    import json
     import os
     import signal
     import socket
     import subprocess
     import sys
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,16 +192,10 @@ def test_stllm_labelstudio_serve_answers_health_over_http(tmp_path, model_dir):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    from helpers import get_health
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    assert json.load(r)["model_version"] == "tiny@base"
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the backend did not answer"
-                time.sleep(0.3)
+        assert get_health(port, 30)["model_version"] == "tiny@base"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)

@@ -363,8 +363,6 @@ def test_fiftyone_operator_submits_to_the_pool_and_the_worker_writes_the_dataset
 def test_stllm_up_starts_redis_a_worker_and_the_labelstudio_backend_and_stops_them_on_ctrl_c(
     model_dir, tmp_path
 ):
-    import json
-    import urllib.request
 
     port, ls_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STLLM_BROKER")}
@@ -394,16 +392,9 @@ def test_stllm_up_starts_redis_a_worker_and_the_labelstudio_backend_and_stops_th
     while "serves" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert f"redis://127.0.0.1:{port}/0" in log.read_text() and "serves" in log.read_text()
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ls_port}/health", timeout=1) as r:
-                assert json.load(r)["status"] == "UP"
-                break
-        except OSError:
-            assert time.monotonic() < deadline, (
-                f"the Label Studio backend did not answer:\n{log.read_text()[-3000:]}"
-            )
-            time.sleep(0.3)
+    from helpers import get_health
+
+    assert get_health(ls_port, 30, log.read_text()[-3000:])["status"] == "UP"
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(60) == 0
     for p in (port, ls_port):
