@@ -45,6 +45,24 @@ def prediction_from_result(result: dict, config: ProjectConfig) -> dict:
     return {"result": regions, "score": round(score, 4), "model_version": result["model_version"]}
 
 
+def timing_warning(meta: dict, config: ProjectConfig) -> str | None:
+    """Why this video's frame numbers in Label Studio may not match the video, or None.
+
+    Label Studio maps frame numbers to time with the project's ``frameRate`` only: a variable-frame-rate
+    file drifts in its player, and a file at another rate has frame numbers that differ from its own."""
+    if meta.get("variable_frame_rate"):
+        return (
+            f"variable frame rate video (average {meta['fps']:.3f} fps): Label Studio assumes a constant "
+            f"{config.frame_rate:g} fps, so regions may drift in its player; transcode to a constant rate"
+        )
+    if abs(meta["fps"] - config.frame_rate) > 0.01:
+        return (
+            f"video is {meta['fps']:.3f} fps but the project's <Video frameRate> is {config.frame_rate:g}: "
+            "ranges were converted through seconds at the project's rate"
+        )
+    return None
+
+
 def segments_from_regions(regions: list[dict], config: ProjectConfig) -> list[dict]:
     """An annotation's timelinelabels regions -> segments in seconds (and frames at the config's rate)."""
     out = []

@@ -59,19 +59,22 @@ def test_predict_enqueues_then_serves_the_workers_predictions(backend):
         json={"tasks": tasks, "label_config": CONFIG, "project": "1.1", "params": {"context": None}},
     )
     assert first.status_code == 200 and len(first.json["results"]) == 3  # one per task, aligned
-    assert all(
-        r["result"] == [] for r in first.json["results"]
-    )  # nothing made yet: never computed in the request
+    # nothing made yet, and never computed in the request: an empty list per task, which Label Studio stores
+    # as no prediction at all (an empty prediction would mark the task as done for this version)
+    assert first.json["results"] == [[], [], []]
     cache = JsonlSink(settings.state / "predictions.jsonl")
     deadline = time.monotonic() + 60
-    while len(cache.read()) < 2 and time.monotonic() < deadline:
+    while len(cache.read()) < 2 and time.monotonic() < deadline:  # made beside the request
         time.sleep(0.3)
     made = {r["task"]: r["prediction"] for r in cache.read()}
     assert set(made) == {1, 2} and all(p["model_version"] == "tiny@base" for p in made.values())
     results = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).json["results"]
     assert results[:2] == [made[1], made[2]]  # served from what the worker made, for the served version
-    assert results[2]["result"] == []  # the path escape was refused, not served
-    assert "media_errors 2" in client.get("/metrics").text  # refused on both calls
+    assert results[2] == []  # the path escape was refused, not served
+    again = client.post("/predict", json={"tasks": tasks[2:], "label_config": CONFIG})
+    assert again.json["results"] == [[]]
+    metrics = client.get("/metrics").text
+    assert "media_errors 1" in metrics and "tasks_enqueued 2" in metrics  # nothing queued twice
 
 
 ANNOTATION = {
@@ -110,7 +113,7 @@ def test_webhook_records_corrections_once_per_update(backend):
     assert client.post("/webhook", json=bulk).json["count"] == 2
     deleted = {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": [{"id": 43}]}
     assert client.post("/webhook", json=deleted).status_code == 201
-    log = corrections_log(settings)
+    log = [r for r in corrections_log(settings) if "annotation" in r]
     assert sorted((r["annotation"], r["model_version"]) for r in log) == [
         (41, "2026-11-27T10:00:00Z"),
         (41, "2026-11-27T11:00:00Z"),
@@ -121,6 +124,59 @@ def test_webhook_records_corrections_once_per_update(backend):
     assert {r["parent_prediction"] for r in log if r["annotation"] == 41} == {7}
     r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
     assert r.status_code == 201 and r.json["project"] == 1
+    # the pull happens after the answer; with no Label Studio API configured it fails, and says so
+    failed = _wait_for(settings, "ROUND_FAILED")
+    assert "LABEL_STUDIO_URL" in failed["error"] and failed["reason"] == "START_TRAINING"
+
+
+def _wait_for(settings: BackendSettings, action: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = [r for r in corrections_log(settings) if r["action"] == action]
+        if hits:
+            return hits[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no {action} event within {timeout} s: {corrections_log(settings)}")
+
+
+def test_setup_learns_where_label_studio_is(backend):
+    client, settings, _ = backend
+    assert settings.connection() == (None, None)
+    client.post("/setup", json={"schema": CONFIG, "hostname": "http://ls:8080", "access_token": "tok"})
+    assert settings.connection() == ("http://ls:8080", "tok")
+    assert (settings.state / "connection.json").stat().st_mode & 0o077 == 0  # the key is not world-readable
+
+
+def test_train_call_runs_a_round_on_the_annotated_tasks(backend, tmp_path, monkeypatch, tiny_spec):
+    """Label Studio's older /train call carries the annotated tasks inline; in the embedded default the round
+    runs beside the requests, and its result names the new version."""
+    from workers import client as pool
+    from workers.registry import ModelStore
+    from workers.rounds import init_store
+
+    client, settings, _ = backend
+    videos = [r["video"] for r in generate_dataset(tmp_path / "media" / "line", 6, seed=810, duration=4.0)]
+    store = ModelStore(tmp_path / "store")
+    init_store(store, tiny_spec)
+    monkeypatch.setenv("STLLM_MODEL_STORE", str(store.root))
+    settings.round_settings = {"train": {"steps": 2, "batch_size": 2}, "force": True}
+    region = dict(ANNOTATION["result"][0])
+    tasks = [
+        {
+            **task(i + 1, f"line/{v.rsplit('/', 1)[1]}"),
+            "annotations": [{**ANNOTATION, "id": 50 + i, "result": [region]}],
+        }
+        for i, v in enumerate(videos)
+    ] + [{**task(9, "line/none.mp4"), "annotations": []}]
+    r = client.post("/train", json={"annotations": tasks, "project": "1.17", "label_config": CONFIG})
+    assert r.status_code == 201 and r.json["tasks"] == 6  # the unannotated task is not a correction
+    submitted = _wait_for(settings, "ROUND_SUBMITTED", timeout=300)
+    state, result = pool.round_status(submitted["round"])
+    assert state == "SUCCESS", result
+    assert result["version"] == "round-1" and result["promoted"]
+    snap = store.read()["versions"]["round-1"]["snapshot"]
+    frozen = (store.root / "snapshots" / f"{snap}.json").read_text()
+    assert '"annotation": 50' in frozen and '"source": "labelstudio"' in frozen
 
 
 @pytest.mark.parametrize(

@@ -223,6 +223,7 @@ def _store(args):
 
 
 def cmd_round(args) -> int:
+    from labelstudio_backend.api import LabelStudioError
     from workers.registry import RegistryError, RoundRunning
 
     store = _store(args)
@@ -252,7 +253,7 @@ def cmd_round(args) -> int:
             print(f"serving {args.version}: workers switch before their next task")
         elif args.round_command == "start":
             return _round_start(args, store)
-    except (RegistryError, RoundRunning) as e:
+    except (RegistryError, RoundRunning, LabelStudioError) as e:
         print(f"stllm round {args.round_command}: {e}", file=sys.stderr)
         return 2
     return 0
@@ -267,6 +268,18 @@ def _round_start(args, store) -> int:
 
     if args.from_jsonl:
         snapshot = snapshot_from_ground_truth(args.from_jsonl)
+    elif args.from_labelstudio is not None:
+        from labelstudio_backend.api import LabelStudioAPI, pull_corrections
+        from labelstudio_backend.app import BackendSettings
+        from workers.corrections import snapshot_from_labelstudio
+
+        ls = BackendSettings()
+        pulled = pull_corrections(
+            LabelStudioAPI.from_env(*ls.connection()), args.from_labelstudio, ls.document_root
+        )
+        for x in pulled["skipped"]:
+            print(f"task {x['task']} skipped: {x['reason']}", file=sys.stderr)
+        snapshot = snapshot_from_labelstudio(pulled)
     else:
         if not args.gt_field:
             raise SystemExit("stllm round start: --from-fiftyone needs --gt-field")
@@ -359,7 +372,9 @@ def cmd_fiftyone(args) -> int:
 
 
 def cmd_labelstudio(args) -> int:
-    """Serve the Label Studio ML backend with gunicorn (a production WSGI server)."""
+    if args.labelstudio_command == "prelabel":
+        return _labelstudio_prelabel(args)
+    # serve: the Flask app under gunicorn (a production WSGI server)
     cmd = [
         sys.executable,
         "-m",
@@ -377,6 +392,53 @@ def cmd_labelstudio(args) -> int:
     print(f"serving the Label Studio ML backend on http://{args.host}:{args.port}", file=sys.stderr)
     os.execv(sys.executable, cmd)
     return 0
+
+
+def _labelstudio_prelabel(args) -> int:
+    """Pre-label every task of a project that has no prediction from the served version yet."""
+    from tqdm import tqdm
+
+    from labelstudio_backend.api import LabelStudioAPI, LabelStudioError
+    from labelstudio_backend.app import BackendSettings, enqueue_prelabel, served_version
+    from workers import client
+
+    settings = BackendSettings()
+    try:
+        api = LabelStudioAPI.from_env(*settings.connection())
+        xml = api.label_config(args.project)
+        version = served_version()
+        tasks = api.tasks(args.project)
+    except LabelStudioError as e:
+        print(f"stllm labelstudio prelabel: {e}", file=sys.stderr)
+        return 2
+    todo = [t for t in tasks if version not in t["prediction_versions"]]
+    print(
+        f"project {args.project}: {len(tasks)} tasks, {len(todo)} without a prediction from {version}",
+        file=sys.stderr,
+    )
+    if not todo:
+        return 0
+    job_id, skipped = enqueue_prelabel(todo, xml, settings)
+    for x in skipped:
+        print(f"task {x['task']}: {x['reason']}", file=sys.stderr)
+    if job_id is None:
+        return 1
+    with tqdm(total=len(todo) - len(skipped), desc="prelabel", unit="task", file=sys.stderr) as bar:
+
+        def show(st) -> None:
+            bar.n = st.done + st.failed
+            bar.set_postfix(failed=st.failed)
+            bar.refresh()
+
+        st = client.wait(job_id, on_progress=show)
+    for err in st.errors:
+        print(err, file=sys.stderr)
+    print(
+        json.dumps(
+            {"job": job_id, "version": version, "done": st.done, "failed": st.failed, "skipped": len(skipped)}
+        )
+    )
+    return 0 if st.done or not st.total else 1
 
 
 def cmd_demo(args) -> int:
@@ -471,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--from-fiftyone", metavar="DATASET", help="a FiftyOne dataset with human-checked events"
     )
+    src.add_argument(
+        "--from-labelstudio",
+        metavar="PROJECT",
+        type=int,
+        help="a Label Studio project's annotated tasks (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY; local-files "
+        "media under LOCAL_FILES_DOCUMENT_ROOT)",
+    )
     r.add_argument("--gt-field", help="the FiftyOne field of human-checked temporal detections")
     r.add_argument("--view", help="a saved view of the FiftyOne dataset")
     r.add_argument("--steps", type=int, default=100)
@@ -498,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
     ls_serve.add_argument("--host", default="127.0.0.1")
     ls_serve.add_argument("--port", type=int, default=9090)
     ls_serve.add_argument("--workers", type=int, default=2)
+    ls_pre = lsub.add_parser(
+        "prelabel",
+        help="pre-label every task of a project that lacks a prediction from the served version",
+        description="Lists the project's tasks through Label Studio's API (LABEL_STUDIO_URL, "
+        "LABEL_STUDIO_API_KEY), queues those without a prediction from the served model version, and "
+        "waits while the workers push their predictions into Label Studio. Local-files media is read "
+        "under LOCAL_FILES_DOCUMENT_ROOT.",
+    )
+    ls_pre.add_argument("--project", type=int, required=True, help="the Label Studio project id")
     p.set_defaults(func=cmd_labelstudio)
 
     p = sub.add_parser("fiftyone", help="FiftyOne integration")

@@ -19,6 +19,7 @@ from workers.schemas import AskSettings, PrelabelSettings, parse_labels
 
 _JOB_KEY = "stllm:job:{}"
 _local_jobs: dict[str, dict] = {}  # embedded mode: job id -> finished summary
+_local_rounds: dict[str, tuple[str, dict]] = {}  # embedded mode: round id -> (state, result or error)
 
 
 @dataclass
@@ -193,17 +194,27 @@ def cancel(job_id: str) -> None:
 
 def submit_round(snapshot: dict, settings: dict | None = None, store_root: str | None = None) -> str:
     """Start a fine-tune round on the pool's ``finetune`` queue; returns the task id to follow with
-    :func:`round_status`. ``snapshot`` is a frozen corrections snapshot (``Snapshot.model_dump()``)."""
-    if broker_url() is None:
-        raise RuntimeError("no broker configured (STLLM_BROKER_URL): run the round in process instead")
+    :func:`round_status`. ``snapshot`` is a frozen corrections snapshot (``Snapshot.model_dump()``) or
+    ``{"labelstudio": pulled}`` (see ``labelstudio_backend.api.pull_corrections``).
+
+    With no broker configured the round runs here, before this returns (the embedded default)."""
     from workers import tasks
 
+    if broker_url() is None:
+        round_id = f"local-{uuid.uuid4().hex}"
+        try:
+            _local_rounds[round_id] = ("SUCCESS", tasks.finetune.run(snapshot, settings or {}, store_root))
+        except Exception as e:  # a failed round leaves the store as it was; say why
+            _local_rounds[round_id] = ("FAILURE", {"error": f"{e.__class__.__name__}: {e}"})
+        return round_id
     return tasks.finetune.apply_async((snapshot, settings or {}, store_root)).id
 
 
 def round_status(task_id: str) -> tuple[str, dict]:
     """(state, info) of a round submitted with :func:`submit_round`: PROGRESS info has stage and step;
     SUCCESS info is the round's result (version, promoted, metrics); FAILURE info is the error."""
+    if task_id in _local_rounds:
+        return _local_rounds[task_id]
     r = round_app.AsyncResult(task_id)
     info = r.info
     if isinstance(info, Exception):

@@ -152,3 +152,44 @@ def snapshot_from_fiftyone(
         raise ValueError(f"no samples in {dataset_name!r}" + (f" view {view_name!r}" if view_name else ""))
     source = f"fiftyone:{dataset_name}.{gt_field}" + (f"@{view_name}" if view_name else "")
     return Snapshot(labels=_vocabulary(videos, labels), videos=videos, sources=[source]).frozen()
+
+
+def snapshot_from_labelstudio(pulled: dict) -> Snapshot:
+    """Corrections from a Label Studio project, as ``labelstudio_backend.api.pull_corrections`` pulls them:
+    every task with a submitted annotation, its video probed here (fps, frames, duration). An annotated task
+    with no region counts as checked with no event; a pre-label accepted unchanged counts as a confirmation."""
+    from workers.stllm.video import probe
+    from workers.timecodes import seconds_to_frames
+
+    videos = []
+    for t in pulled["tasks"]:
+        info = probe(t["video"])
+        segments = []  # Label Studio numbered frames at the project's rate; renumber at the file's own
+        for s in t["segments"]:
+            first, last = seconds_to_frames(s["start_s"], s["end_s"], info.fps, info.n_frames)
+            segments.append({**s, "first_frame": first, "last_frame": last})
+        videos.append(
+            CorrectedVideo(
+                video_id=f"ls:{pulled['project']}:{t['task']}",
+                video=t["video"],
+                fps=info.fps,
+                n_frames=info.n_frames,
+                duration=info.duration,
+                segments=segments,
+                source="labelstudio",
+                source_ids={
+                    "project": pulled["project"],
+                    "task": t["task"],
+                    "annotation": t["annotation"],
+                    "parent_prediction": t.get("parent_prediction"),
+                },
+            )
+        )
+    if not videos:
+        raise ValueError(f"Label Studio project {pulled['project']} has no annotated task to learn from")
+    labels = [EventLabel(**x) for x in pulled["labels"]]
+    return Snapshot(
+        labels=labels,
+        videos=videos,
+        sources=[f"labelstudio:{pulled.get('url', '')}/projects/{pulled['project']}"],
+    ).frozen()

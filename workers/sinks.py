@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("stllm.sinks")
 
 
 def _key(record: dict) -> tuple[str, str]:
@@ -159,34 +162,73 @@ class FiftyOneSink:
             ds.set_values("metadata", values, key_field="id")
 
 
-class LabelStudioCacheSink:
-    """Pre-labels for Label Studio tasks, converted to timelinelabels predictions at the project's frame
-    rate and kept where the backend's /predict serves them (one per task and model version)."""
+class LabelStudioSink:
+    """Pre-labels for Label Studio tasks: converted to timelinelabels predictions at the project's frame rate,
+    kept where the backend's /predict serves them (one per task and model version), and, when ``url`` is
+    set, pushed to Label Studio through its API (validated against the config first; skipped where the task
+    already has a prediction of that version, so a redelivered task does not double it).
 
-    def __init__(self, path: str, config: str, tasks: dict[str, int]):
+    A video with a variable frame rate, or whose frame rate differs from the project's ``frameRate``, gets
+    its task flagged (``meta.stllm_warning``) and the warning kept with the prediction. A push that fails is
+    logged and recorded in the cache entry (``push_error``); the other videos go on."""
+
+    def __init__(
+        self,
+        path: str,
+        config: str,
+        tasks: dict[str, int],
+        url: str | None = None,
+        api_key: str | None = None,
+    ):
         self.cache, self.config, self.tasks = JsonlSink(path), config, tasks
+        self.url, self.api_key = url, api_key
+
+    def describe(self) -> dict:
+        return {
+            "kind": "labelstudio",
+            "path": str(self.cache.path),
+            "config": self.config,
+            "tasks": self.tasks,
+            "url": self.url,
+            "api_key": self.api_key,
+        }
 
     def write(self, records: list[dict]) -> None:
         from labelstudio_backend.config import parse_label_config
-        from labelstudio_backend.timeline import prediction_from_result
+        from labelstudio_backend.timeline import prediction_from_result, timing_warning
 
         cfg = parse_label_config(self.config)
         out = []
         for r in records:
             task = self.tasks.get(r["video"])
-            if task is None or r["error"] is not None:
+            if task is None:
                 continue
-            out.append(
-                {
-                    "video": f"task:{task}",
-                    "model_version": r["model_version"],
-                    "task": task,
-                    "prediction": prediction_from_result(r, cfg),
-                    "variable_frame_rate": r["meta"]["variable_frame_rate"],
-                }
-            )
+            entry = {"video": f"task:{task}", "model_version": r["model_version"], "task": task}
+            if r["error"] is not None:
+                out.append({**entry, "error": r["error"]})
+                continue
+            entry["prediction"] = prediction_from_result(r, cfg)
+            entry["warning"] = timing_warning(r["meta"], cfg)
+            if self.url:
+                entry.update(self._push(task, entry["prediction"], entry["warning"]))
+            out.append(entry)
         if out:
             self.cache.write(out)
+
+    def _push(self, task: int, prediction: dict, warning: str | None) -> dict:
+        from labelstudio_backend.api import LabelStudioAPI, LabelStudioError
+
+        try:
+            api = LabelStudioAPI.from_env(self.url, self.api_key)
+            if prediction["model_version"] in api.prediction_versions(task):
+                return {"pushed": "already there"}
+            pid = api.push_prediction(task, prediction, self.config)
+            if warning:
+                api.flag_task(task, warning)
+            return {"pushed": pid}
+        except LabelStudioError as e:
+            log.error("task %s: %s", task, e)
+            return {"push_error": str(e)}
 
 
 def sink_from(description: dict | None):
@@ -196,8 +238,14 @@ def sink_from(description: dict | None):
     kind = description.get("kind")
     if kind == "jsonl":
         return JsonlSink(description["path"])
-    if kind == "labelstudio-cache":
-        return LabelStudioCacheSink(description["path"], description["config"], description["tasks"])
+    if kind == "labelstudio":
+        return LabelStudioSink(
+            description["path"],
+            description["config"],
+            description["tasks"],
+            description.get("url"),
+            description.get("api_key"),
+        )
     if kind == "fiftyone":
         return FiftyOneSink(
             description["dataset"], description["field"], description["job"], description["ids"]

@@ -116,16 +116,25 @@ def ping(self) -> dict:
 @round_app.task(name="stllm.finetune", bind=True, max_retries=1)
 def finetune(self, snapshot: dict, settings: dict, store_root: str | None = None) -> dict:
     """Run a fine-tune round on the ``finetune`` queue; progress as PROGRESS states (stage, step, loss).
-    Redelivered after a lost worker, it resumes from the round's last checkpoint."""
+    ``snapshot`` is a frozen snapshot, or ``{"labelstudio": pulled}`` (corrections pulled from a Label
+    Studio project, frozen here where the videos can be probed). Redelivered after a lost worker, it
+    resumes from the round's last checkpoint."""
     from dataclasses import asdict
 
-    from workers.corrections import Snapshot
+    from workers.corrections import Snapshot, snapshot_from_labelstudio
     from workers.rounds import RoundSettings, run_round
 
     def report(stage: str, info: dict) -> None:
-        self.update_state(state="PROGRESS", meta={"stage": stage, **info})
+        if self.request.id:
+            self.update_state(state="PROGRESS", meta={"stage": stage, **info})
+        else:
+            log.info("round %s: %s", stage, info)
 
-    result = run_round(
-        ModelStore(store_root), Snapshot.model_validate(snapshot), RoundSettings.from_dict(settings), report
+    snap = (
+        snapshot_from_labelstudio(snapshot["labelstudio"])
+        if "labelstudio" in snapshot
+        else Snapshot.model_validate(snapshot)
     )
+    log.info("round on snapshot %s: %d videos from %s", snap.id, len(snap.videos), snap.sources)
+    result = run_round(ModelStore(store_root), snap, RoundSettings.from_dict(settings), report)
     return asdict(result)
