@@ -26,14 +26,22 @@ $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -e '.[dev]'
 	touch $@
 
+# The Label Studio server for the end-to-end test, in a virtual environment of its own: it pins its own
+# SDK and Django.
+LS_VENV ?= .venv-ls
+$(LS_VENV)/.installed: Makefile
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip --disable-pip-version-check -q install label-studio==1.23.2
+	touch $@
+
 demo: $(VENV)/.core
 	$(VENV)/bin/stllm demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(LS_VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .stllm-demo
+	rm -rf $(VENV) $(LS_VENV) .stllm-demo

@@ -110,6 +110,42 @@ class LabelStudioAPI:
             meta={**current, "stllm_warning": warning},
         )
 
+    def connect_backend(
+        self, project: int, backend_url: str, auth: tuple[str, str] | None = None, title: str = "ST-LLM"
+    ) -> int:
+        """Connect this backend to a project (Label Studio calls /health and /setup, and adds a webhook to
+        ``<backend_url>/webhook``); returns the ML backend's id.
+
+        With basic auth, Label Studio sends the credentials on /setup and /predict but not on the webhook it
+        adds: its headers are set here, or every webhook would be refused."""
+        import base64
+
+        backend_url = backend_url.rstrip("/")
+        kwargs = {"auth_method": "NONE"}
+        if auth:
+            kwargs = {"auth_method": "BASIC_AUTH", "basic_auth_user": auth[0], "basic_auth_pass": auth[1]}
+        ml = self._call(
+            f"connecting {backend_url} to project {project}",
+            self.client.ml.create,
+            project=project,
+            url=backend_url,
+            title=title,
+            is_interactive=False,
+            **kwargs,
+        )
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            hooks = self._call("listing webhooks", self.client.webhooks.list, project=str(project))
+            for hook in hooks:
+                if hook.url.rstrip("/") == f"{backend_url}/webhook":
+                    self._call(
+                        f"setting the auth header of webhook {hook.id}",
+                        self.client.webhooks.update,
+                        id=hook.id,
+                        headers={"Authorization": f"Basic {token}"},
+                    )
+        return ml.id
+
 
 def pulled_from_tasks(tasks: list[dict], config: ProjectConfig, document_root: str | None) -> dict:
     """Tasks with their ``annotations`` -> the corrections a round freezes into a snapshot.

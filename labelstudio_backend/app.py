@@ -32,6 +32,20 @@ from labelstudio_backend.media import MediaError, resolve_local
 from workers.sinks import JsonlSink
 
 log = logging.getLogger("stllm.labelstudio")
+# Label Studio's other webhook actions (a backend's webhook is sent all of them): accepted and ignored.
+IGNORED_ACTIONS = {
+    "PROJECT_CREATED",
+    "PROJECT_UPDATED",
+    "PROJECT_DELETED",
+    "TASKS_CREATED",
+    "TASKS_DELETED",
+    "LABEL_LINK_CREATED",
+    "LABEL_LINK_UPDATED",
+    "LABEL_LINK_DELETED",
+    "REVIEW_CREATED",
+    "REVIEW_UPDATED",
+    "REVIEWS_DELETED",
+}
 ACTIONS = {
     "ANNOTATION_CREATED",
     "ANNOTATION_UPDATED",
@@ -271,6 +285,9 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     def webhook():
         body = _json_body()
         action = body.get("action")
+        if action in IGNORED_ACTIONS:
+            metrics[f"webhook {action}"] += 1
+            return jsonify({"status": "ignored", "action": action}), 200
         if action not in ACTIONS:
             raise BadRequest(f"unknown action {action!r}; accepted: {sorted(ACTIONS)}")
         metrics[f"webhook {action}"] += 1

@@ -9,6 +9,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 import pytest  # noqa: E402
+from helpers import Redis, Worker, free_port  # noqa: E402
+
+# One broker address for the session, set before anything imports workers.app (Celery reads it once).
+# Tests of the embedded default remove it with monkeypatch; pool tests start redis-server on it.
+os.environ["STLLM_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+os.environ["STLLM_VISIBILITY_TIMEOUT"] = "6"
+os.environ["STLLM_RESTORE_INTERVAL"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +62,25 @@ def fiftyone(tmp_path_factory):
     import fiftyone as fo
 
     return fo
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = Redis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def workers_factory(redis_server, model_dir, tmp_path):
+    started: list[Worker] = []
+
+    def start(name: str, queues: str = "ask,prelabel", **env) -> Worker:
+        w = Worker(name, model_dir, tmp_path / f"{name}.log", {k: str(v) for k, v in env.items()}, queues)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broker_port() -> int:
+    """The port of the test session's broker (conftest.py sets STLLM_BROKER_URL)."""
+    return int(os.environ["STLLM_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
 
 
 def get_health(port: int, timeout_s: float, why: str = "") -> dict:
@@ -17,3 +33,101 @@ def get_health(port: int, timeout_s: float, why: str = "") -> dict:
         except OSError:
             assert time.monotonic() < deadline, f"nothing answered on port {port}\n{why}"
             time.sleep(0.3)
+
+
+class Redis:
+    """A private redis-server on a free loopback port, persisting to its own folder (AOF) so that a
+    restart keeps the queued tasks."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder, self.port = folder, port or broker_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Worker:
+    """The processes `stllm worker` starts for these queues (a prediction worker, and a rounds worker when
+    'finetune' is among them), logging into one file."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: str,
+        log: Path,
+        extra_env: dict | None = None,
+        queues: str = "ask,prelabel",
+    ):
+        from workers.pool import worker_commands
+
+        env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
+        self.log = log
+        self.name = name
+        out = open(log, "w")
+        self.procs = [
+            subprocess.Popen(
+                cmd + ["--without-gossip", "--without-mingle"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**env, **cmd_env},
+            )
+            for cmd, cmd_env in worker_commands([], queues, name=name)
+        ]
+        self.serves_predictions = queues != "finetune"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if text.count("ready.") >= len(self.procs) and ("serves" in text or not self.serves_predictions):
+                return
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"worker died:\n{text}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from labelstudio_backend.config import ConfigError, parse_label_config
-from labelstudio_backend.timeline import prediction_from_result, segments_from_regions
+from labelstudio_backend.timeline import prediction_from_result, segments_from_regions, timing_warning
 
 CONFIG = """
 <View>
@@ -102,3 +102,33 @@ def test_annotation_regions_become_segments_and_round_trip():
         {"label": "jam", "start_s": 1.0, "end_s": 2.0, "first_frame": 26, "last_frame": 50, "score": 1.0}
     ]
     assert segments_from_regions([{"type": "labels", "from_name": "x", "value": {}}], c) == []
+
+
+def test_frame_rate_warnings_for_variable_and_mismatched_rates():
+    c = parse_label_config(CONFIG)  # 25 fps
+    assert timing_warning({"fps": 25.0, "variable_frame_rate": False}, c) is None
+    assert "variable frame rate" in timing_warning({"fps": 24.7, "variable_frame_rate": True}, c)
+    assert "10.000 fps" in timing_warning({"fps": 10.0, "variable_frame_rate": False}, c)
+
+
+def test_a_prediction_that_does_not_match_the_config_is_never_pushed():
+    """Label Studio accepts such predictions and then silently hides them; they are refused before any
+    request (nothing listens on the address)."""
+    from labelstudio_backend.api import LabelStudioAPI, LabelStudioError
+
+    api = LabelStudioAPI("http://127.0.0.1:9", "key")
+    good = prediction_from_result(_result([]), parse_label_config(CONFIG))
+    region = {
+        "from_name": "events",
+        "to_name": "video",
+        "type": "timelinelabels",
+        "value": {"ranges": [{"start": 1, "end": 5}], "timelinelabels": ["jam"]},
+    }
+    for bad in (
+        {**region, "value": {**region["value"], "timelinelabels": ["not-a-label"]}},
+        {**region, "from_name": "nope"},
+    ):
+        with pytest.raises(LabelStudioError, match="does not match"):
+            api.push_prediction(1, {**good, "result": [bad]}, CONFIG)
+    with pytest.raises(LabelStudioError, match="127.0.0.1:9"):  # a valid one goes out, and fails clearly
+        api.push_prediction(1, {**good, "result": [region]}, CONFIG)

@@ -1,6 +1,6 @@
 """The Celery pool against a real redis-server and real `celery worker` processes (tiny model).
 
-The broker URL is set before ``workers.app`` is first imported: Celery reads it once.
+The broker (STLLM_BROKER_URL on a free port) is set in conftest.py, before ``workers.app`` is imported.
 """
 
 from __future__ import annotations
@@ -12,76 +12,15 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()
-os.environ["STLLM_BROKER_URL"] = f"redis://127.0.0.1:{PORT}/0"
-os.environ["STLLM_VISIBILITY_TIMEOUT"] = "6"
-os.environ["STLLM_RESTORE_INTERVAL"] = "1"
+from helpers import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
 
 from workers import client  # noqa: E402
 from workers.linevideo import generate_dataset  # noqa: E402
-from workers.pool import worker_commands  # noqa: E402
 from workers.sinks import JsonlSink  # noqa: E402
-
-
-class Redis:
-    """A private redis-server on a free loopback port, persisting to its own folder (AOF) so that a
-    restart keeps the queued tasks."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(PORT),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", PORT), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = Redis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -97,76 +36,6 @@ def videos(tmp_path_factory):
 def long_videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("long")
     return [r["video"] for r in generate_dataset(d, 3, seed=90, duration=60.0)]
-
-
-class Worker:
-    """The processes `stllm worker` starts for these queues (a prediction worker, and a rounds worker when
-    'finetune' is among them), logging into one file."""
-
-    def __init__(
-        self,
-        name: str,
-        model_dir: str,
-        log: Path,
-        extra_env: dict | None = None,
-        queues: str = "ask,prelabel",
-    ):
-        env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
-        self.log = log
-        self.name = name
-        out = open(log, "w")
-        self.procs = [
-            subprocess.Popen(
-                cmd + ["--without-gossip", "--without-mingle"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**env, **cmd_env},
-            )
-            for cmd, cmd_env in worker_commands([], queues, name=name)
-        ]
-        self.serves_predictions = queues != "finetune"
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text()
-            if text.count("ready.") >= len(self.procs) and ("serves" in text or not self.serves_predictions):
-                return
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(f"worker died:\n{text}")
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture()
-def workers_factory(redis_server, model_dir, tmp_path):
-    started: list[Worker] = []
-
-    def start(name: str, queues: str = "ask,prelabel", **env) -> Worker:
-        w = Worker(name, model_dir, tmp_path / f"{name}.log", {k: str(v) for k, v in env.items()}, queues)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
 
 
 def test_a_job_runs_on_the_pool_and_a_corrupt_video_fails_alone(workers_factory, videos, tmp_path):
@@ -364,7 +233,7 @@ def test_stllm_up_starts_redis_a_worker_and_the_labelstudio_backend_and_stops_th
     model_dir, tmp_path
 ):
 
-    port, ls_port = _free_port(), _free_port()
+    port, ls_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STLLM_BROKER")}
     env.update(STLLM_MODEL=model_dir, STLLM_DTYPE="fp32")
     log = tmp_path / "up.log"

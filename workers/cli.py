@@ -374,6 +374,21 @@ def cmd_fiftyone(args) -> int:
 def cmd_labelstudio(args) -> int:
     if args.labelstudio_command == "prelabel":
         return _labelstudio_prelabel(args)
+    if args.labelstudio_command == "connect":
+        from labelstudio_backend.api import LabelStudioAPI, LabelStudioError
+        from labelstudio_backend.app import BackendSettings
+
+        s = BackendSettings()
+        auth = (s.auth_user, s.auth_password or "") if s.auth_user else None
+        try:
+            ml = LabelStudioAPI.from_env(*s.connection()).connect_backend(
+                args.project, args.backend_url, auth
+            )
+        except LabelStudioError as e:
+            print(f"stllm labelstudio connect: {e}", file=sys.stderr)
+            return 2
+        print(f"project {args.project}: ML backend {ml} at {args.backend_url}", file=sys.stderr)
+        return 0
     # serve: the Flask app under gunicorn (a production WSGI server)
     cmd = [
         sys.executable,
@@ -567,6 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     ls_serve.add_argument("--host", default="127.0.0.1")
     ls_serve.add_argument("--port", type=int, default=9090)
     ls_serve.add_argument("--workers", type=int, default=2)
+    ls_con = lsub.add_parser(
+        "connect",
+        help="connect a running backend to a project (with basic auth on its webhook too)",
+        description="Adds the backend to the project's Model settings through Label Studio's API "
+        "(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY). With STLLM_LS_BASIC_AUTH_USER/PASSWORD set, Label Studio "
+        "is given the credentials and the webhook it creates gets the same Authorization header.",
+    )
+    ls_con.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    ls_con.add_argument("--backend-url", required=True, help="where Label Studio reaches this backend")
     ls_pre = lsub.add_parser(
         "prelabel",
         help="pre-label every task of a project that lacks a prediction from the served version",

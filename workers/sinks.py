@@ -222,10 +222,9 @@ class LabelStudioSink:
             api = LabelStudioAPI.from_env(self.url, self.api_key)
             if prediction["model_version"] in api.prediction_versions(task):
                 return {"pushed": "already there"}
-            pid = api.push_prediction(task, prediction, self.config)
-            if warning:
+            if warning:  # flagged before the prediction shows, so nobody sees it unflagged
                 api.flag_task(task, warning)
-            return {"pushed": pid}
+            return {"pushed": api.push_prediction(task, prediction, self.config)}
         except LabelStudioError as e:
             log.error("task %s: %s", task, e)
             return {"push_error": str(e)}

@@ -1,0 +1,315 @@
+"""End to end against a real Label Studio server (label-studio 1.23.2 in its own virtual environment,
+``.venv-ls``, which `make test` creates), the backend under gunicorn, Redis, and real Celery workers.
+
+A project with a video TimelineLabels config and local storage gets generated line videos; the backend is
+connected with basic auth; Label Studio asks it for predictions and a worker pushes them; an annotation
+made through the API reaches the webhook; "Start Training" runs a round that the workers then serve.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Worker, free_port, get_health
+
+ROOT = Path(__file__).resolve().parents[1]
+LABEL_STUDIO = Path(os.environ.get("STLLM_LABEL_STUDIO_BIN", ROOT / ".venv-ls" / "bin" / "label-studio"))
+TOKEN = "stllm-test-token-0123456789"
+CONFIG = """<View><Video name="video" value="$video" frameRate="10"/>
+<TimelineLabels name="events" toName="video">
+<Label value="jam" hint="the conveyor stops with parts piled up"/><Label value="hand"/>
+</TimelineLabels></View>"""
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server"),
+    pytest.mark.skipif(
+        not LABEL_STUDIO.exists() and not os.environ.get("CI"),
+        reason=f"no Label Studio server at {LABEL_STUDIO}: `make test` installs it",
+    ),
+]
+
+
+def _wait(what: str, check, timeout: float, poll: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from workers.linevideo import generate_dataset
+
+    root = tmp_path_factory.mktemp("ls-media")
+    generate_dataset(root / "line", 5, seed=700, duration=6.0)  # 10 fps, like the project
+    generate_dataset(root / "line", 1, seed=705, duration=4.0, fps=25.0)  # another rate: flagged
+    return root
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory, media):
+    """A Label Studio server on loopback with SQLite, a user with a known token, local files served."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("ls-data")
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+        "ML_BLOCK_LOCAL_IP": "false",
+        "SSRF_PROTECTION_ENABLED": "false",
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(media),
+        "LATEST_VERSION_CHECK": "false",
+        "DJANGO_DB": "sqlite",
+    }
+    log = open(data / "label-studio.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(LABEL_STUDIO),
+            "start",
+            "--no-browser",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--username",
+            "qa@example.com",
+            "--password",
+            "stllm-secret-1",
+            "--user-token",
+            TOKEN,
+            "--enable-legacy-api-token",
+            "--data-dir",
+            str(data),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    from labelstudio_backend.api import LabelStudioAPI
+
+    api = LabelStudioAPI(url, TOKEN)
+
+    def up() -> bool:
+        assert proc.poll() is None, (data / "label-studio.log").read_text()[-3000:]
+        try:
+            api.client.projects.list()
+            return True
+        except Exception:
+            return False
+
+    try:
+        _wait("Label Studio to answer", up, timeout=240, poll=1.0)
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_spec):
+    from workers.registry import ModelStore
+    from workers.rounds import init_store
+
+    s = ModelStore(tmp_path_factory.mktemp("ls-store") / "store")
+    init_store(s, tiny_spec)
+    return s
+
+
+@pytest.fixture(scope="module")
+def pool(redis_server, store, model_dir, tmp_path_factory):
+    """A prediction worker and a rounds worker following the model store."""
+    logs = tmp_path_factory.mktemp("ls-workers")
+    env = {"STLLM_MODEL_STORE": str(store.root)}
+    started = [
+        Worker("lsw", model_dir, logs / "lsw.log", env),
+        Worker("lsr", model_dir, logs / "lsr.log", env, queues="finetune"),
+    ]
+    for w in started:
+        w.wait_ready(120)
+    yield started
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, media, store, pool, tmp_path_factory):
+    """`stllm labelstudio serve` (gunicorn) with basic auth, pushing to the server above."""
+    port = free_port()
+    state = tmp_path_factory.mktemp("ls-backend")
+    env = {
+        **os.environ,
+        "STLLM_LS_STATE": str(state),
+        "STLLM_MODEL_STORE": str(store.root),
+        "LOCAL_FILES_DOCUMENT_ROOT": str(media),
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "STLLM_LS_BASIC_AUTH_USER": "ls",
+        "STLLM_LS_BASIC_AUTH_PASSWORD": "hook-secret",
+        "STLLM_LS_ROUND_SETTINGS": json.dumps({"train": {"steps": 3, "batch_size": 2}, "force": True}),
+    }
+    log = open(state / "backend.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "labelstudio", "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        get_health(port, 60, why=str(state / "backend.log"))
+        yield {"url": f"http://127.0.0.1:{port}", "state": state, "env": env}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _events(backend, action: str) -> list[dict]:
+    path = backend["state"] / "corrections.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r.get("action") == action]
+
+
+def test_label_studio_end_to_end(label_studio, backend, store, media):
+    api, ls = label_studio, label_studio.client
+    project = ls.projects.create(title="line QA", label_config=CONFIG).id
+    storage = ls.import_storage.local.create(
+        project=project, path=str(media / "line"), regex_filter=r".*\.mp4", use_blob_urls=True
+    )
+    ls.import_storage.local.sync(id=storage.id)
+    tasks = _wait("6 imported tasks", lambda: (t := api.tasks(project)) and len(t) == 6 and t, timeout=60)
+
+    # connect with basic auth: Label Studio calls /health and /setup; its webhook gets the header too
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "labelstudio",
+            "connect",
+            "--project",
+            str(project),
+            "--backend-url",
+            backend["url"],
+        ],
+        env=backend["env"],
+        check=True,
+        timeout=60,
+    )
+    ml = [m for m in ls.ml.list(project=project)][0]
+    assert ml.state == "CO" and ml.model_version == "base", (ml.state, ml.error_message)
+    hook = [h for h in ls.webhooks.list(project=str(project)) if h.url.endswith("/webhook")][0]
+    assert hook.headers["Authorization"] == "Basic " + base64.b64encode(b"ls:hook-secret").decode()
+
+    # Label Studio asks for predictions: /predict queues them, a worker pushes them through the API
+    ls.actions.create(id="retrieve_tasks_predictions", project=project)
+
+    def predicted() -> list | None:
+        preds = {t["id"]: list(ls.predictions.list(task=t["id"])) for t in tasks}
+        return preds if all(preds.values()) else None
+
+    preds = _wait("a prediction on every task", predicted, timeout=180, poll=1.0)
+    video_frames = {}
+    for t in api.tasks(project):
+        name = t["data"]["video"].rsplit("/", 1)[1]
+        fps = 25.0 if name == "line_00705.mp4" else 10.0
+        duration = 4.0 if fps == 25.0 else 6.0
+        video_frames[t["id"]] = round(duration * 10)  # frames at the project's frameRate
+        assert ("stllm_warning" in t["meta"]) == (fps == 25.0), t["meta"]
+    for task_id, ps in preds.items():
+        assert len(ps) == 1, f"task {task_id} has {len(ps)} predictions"  # never an empty one, never twice
+        p = ps[0]
+        assert p.model_version == "base" and 0.0 <= p.score <= 1.0
+        for region in p.result:
+            assert region["type"] == "timelinelabels" and region["from_name"] == "events"
+            assert region["value"]["timelinelabels"][0] in ("jam", "hand") and 0.0 <= region["score"] <= 1.0
+            for rng in region["value"]["ranges"]:
+                assert (
+                    isinstance(rng["start"], int) and 1 <= rng["start"] <= rng["end"] <= video_frames[task_id]
+                )
+
+    # `stllm labelstudio prelabel` finds nothing left to do for the served version
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "labelstudio", "prelabel", "--project", str(project)],
+        env=backend["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "0 without a prediction from base" in out.stderr, out.stderr
+
+    # annotators correct the pre-labels: each annotation reaches the webhook, recorded with its prediction
+    for t in tasks:
+        pred = preds[t["id"]][0]
+        ls.annotations.create(
+            id=t["id"],
+            parent_prediction=pred.id,
+            result=[
+                {
+                    "from_name": "events",
+                    "to_name": "video",
+                    "type": "timelinelabels",
+                    "value": {"ranges": [{"start": 5, "end": 20}], "timelinelabels": ["jam"]},
+                }
+            ],
+        )
+    recorded = _wait("6 recorded annotations", lambda: len(_events(backend, "ANNOTATION_CREATED")) == 6, 30)
+    assert recorded
+    by_task = {r["task"]: r for r in _events(backend, "ANNOTATION_CREATED")}
+    assert {t: r["parent_prediction"] for t, r in by_task.items()} == {
+        t["id"]: preds[t["id"]][0].id for t in tasks
+    }
+
+    # "Start Training": the backend pulls the annotations and a round runs on the finetune queue
+    ls.ml.train(id=ml.id)
+    submitted = _wait("a submitted round", lambda: _events(backend, "ROUND_SUBMITTED"), timeout=60)[0]
+    assert submitted["tasks"] == 6 and not submitted["skipped"]
+    _wait("round-1 served", lambda: store.read()["serving"] == "round-1", timeout=240, poll=1.0)
+    snapshot = store.read()["versions"]["round-1"]["snapshot"]
+    frozen = json.loads((store.root / "snapshots" / f"{snapshot}.json").read_text())
+    assert {v["source_ids"]["task"] for v in frozen["videos"]} == {t["id"] for t in tasks}
+    assert frozen["sources"][0].endswith(f"/projects/{project}")
+    # Label Studio's next request goes through /setup, which now names round-1: it asks for round-1's
+    # predictions, and the workers (already serving round-1) push them beside the base ones
+    ls.actions.create(id="retrieve_tasks_predictions", project=project)
+
+    def round_1_everywhere() -> bool:
+        return all(
+            {p.model_version for p in ls.predictions.list(task=t["id"])} == {"base", "round-1"} for t in tasks
+        )
+
+    assert _wait("round-1 predictions on every task", round_1_everywhere, timeout=180, poll=1.0)
+
+
+def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend, store):
+    """`stllm round start --from-labelstudio PROJECT` through the pool: the same corrections, a new round."""
+    project = [p.id for p in label_studio.client.projects.list() if p.title == "line QA"][0]
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "round", "start", "--from-labelstudio", str(project)]
+        + ["--steps", "2", "--batch-size", "2", "--force"],
+        env=backend["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["version"] == "round-2" and result["promoted"]
+    assert "6 videos" in out.stderr  # the snapshot line: every annotated task
+    assert store.read()["versions"]["round-2"]["parent"] == "round-1"
