@@ -123,7 +123,7 @@ def main() -> None:
 
         setup = [post(f"{url}/setup", {"project": "1.1", "schema": CONFIG}, auth) for _ in range(200)]
         hook = []
-        for i in range(200):
+        for i in range(1000):
             ann = {
                 "id": 10_000 + i,
                 "task": 1,
@@ -146,7 +146,7 @@ def main() -> None:
             hook.append(post(f"{url}/webhook", body, auth))
         print(
             f"/setup: p50 {pct(setup, 0.5):.1f} ms, p95 {pct(setup, 0.95):.1f} ms; "
-            f"/webhook ANNOTATION_CREATED (log growing to 200 corrections): p50 {pct(hook, 0.5):.1f} ms, "
+            f"/webhook ANNOTATION_CREATED (log growing to 1000 corrections): p50 {pct(hook, 0.5):.1f} ms, "
             f"p95 {pct(hook, 0.95):.1f} ms  (gunicorn, 2 workers x 4 threads, basic auth)"
         )
 

@@ -29,7 +29,7 @@ from flask import Flask, Response, jsonify, request
 from labelstudio_backend.api import pulled_from_tasks
 from labelstudio_backend.config import ConfigError, parse_label_config
 from labelstudio_backend.media import MediaError, resolve_local
-from workers.sinks import JsonlSink
+from workers.sinks import AppendLog, JsonlSink
 
 log = logging.getLogger("stllm.labelstudio")
 # Label Studio's other webhook actions (a backend's webhook is sent all of them): accepted and ignored.
@@ -172,7 +172,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
     s = settings or BackendSettings()
     s.state.mkdir(parents=True, exist_ok=True)
     predictions = JsonlSink(s.state / "predictions.jsonl")
-    corrections = JsonlSink(s.state / "corrections.jsonl")
+    corrections = AppendLog(s.state / "corrections.jsonl")
     seen_lock = threading.Lock()
     metrics: Counter = Counter()
     enqueued: dict[tuple[int, str], float] = {}  # (task, version) -> when /predict last queued it
@@ -328,7 +328,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
                         "deleted": action == "ANNOTATIONS_DELETED",
                     }
                 )
-            corrections.write(records)  # the same annotation id and update time replaces, never doubles
+            corrections.write(records)  # the same annotation id and update time counts once
             _maybe_round(records[0]["project"])
         return jsonify({"status": "recorded", "count": len(records)}), 201
 
@@ -360,4 +360,4 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
 def corrections_log(settings: BackendSettings | None = None) -> list[dict]:
     """The recorded webhook events (one per annotation and update time) and round events."""
     s = settings or BackendSettings()
-    return JsonlSink(s.state / "corrections.jsonl").read()
+    return AppendLog(s.state / "corrections.jsonl").read()

@@ -49,6 +49,34 @@ class JsonlSink:
             return [json.loads(line) for line in f if line.strip()]
 
 
+class AppendLog:
+    """A JSON-lines log that only appends (constant time per write, however long the log); reading keeps
+    the last record per (video, model version), so a repeated event counts once."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def write(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(json.dumps(r) + "\n" for r in records)
+        with open(self.path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time: lines never interleave
+            f.write(body)
+            f.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        latest: dict[tuple[str, str], dict] = {}
+        with open(self.path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    latest.pop(_key(r), None)
+                    latest[_key(r)] = r
+        return list(latest.values())
+
+
 class FiftyOneSink:
     """Writes results onto a FiftyOne dataset's samples, by sample id, in bulk.
 
