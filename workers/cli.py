@@ -45,7 +45,7 @@ def _load(args):
     from workers.stllm.io import load_model
 
     t = time.perf_counter()
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype).inference_weights()
     logging.info("loaded %s (version %s) in %.1fs", args.model, model.version, time.perf_counter() - t)
     return model
 

@@ -40,7 +40,7 @@ def served_model():
         previous = _model.version if _model is not None else None
         _model = load_model(
             wanted, device=os.environ.get("STLLM_DEVICE"), dtype=os.environ.get("STLLM_DTYPE", "auto")
-        )
+        ).inference_weights()
         _model_key = wanted
         if previous:
             log.info("worker pid %d switched from %s to %s", os.getpid(), previous, _model.version)

@@ -170,6 +170,8 @@ class ComposedBackbone(Backbone):
         lm_ref = str(_smollm2_dir()) if spec["lm"] == BUILTIN_LM else spec["lm"]
         self.vision, self.image_size, self.image_mean, self.image_std, self._family = _load_vision(vision_ref)
         self.vision.requires_grad_(False).eval()
+        if self._family == "efficientnet":  # oneDNN's convolutions run ~1.8x faster channels-last on CPU
+            self.vision.to(memory_format=torch.channels_last)
         causal_lm = AutoModelForCausalLM.from_pretrained(lm_ref, dtype=torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(lm_ref)
         self.decoder = causal_lm.model
@@ -189,7 +191,9 @@ class ComposedBackbone(Backbone):
 
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         if self._family == "efficientnet":
-            fmap = self.vision.extract_features(pixels)  # (N, 1280, 7, 7) at 224 px
+            fmap = self.vision.extract_features(
+                pixels.contiguous(memory_format=torch.channels_last)
+            )  # (N, 1280, 7, 7)
         else:
             fmap = _patch_tokens_to_map(self.vision(pixel_values=pixels).last_hidden_state)
         return self.pool(fmap)  # (N, grid*grid, Dv)

@@ -156,6 +156,13 @@ class STLLM(nn.Module):
 
         self.lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
 
+    def inference_weights(self) -> STLLM:
+        """Store every weight in the compute dtype (bf16 on GPUs and bf16-capable CPUs) for serving: half the
+        memory, and no per-call weight casts under autocast. Inference only: training keeps fp32 weights."""
+        if self.compute_dtype != torch.float32:
+            self.to(self.compute_dtype)
+        return self
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
@@ -189,6 +196,9 @@ class STLLM(nn.Module):
         of all frames the global part pools over (None: no global part). Returns (B, T*K, D).
         """
         b, t = local.shape[:2]
+        weights = next(self.fusion.parameters()).dtype  # bf16 after inference_weights(), else fp32
+        local = local.to(weights)
+        global_frames = global_frames.to(weights) if global_frames is not None else None
         tokens = self.backbone.project(
             local.flatten(0, 1)
         )  # (B*T, K, D): K may differ from the feature count

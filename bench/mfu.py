@@ -1,0 +1,120 @@
+"""The engine against this machine's limit: matrix-multiply peak (large GEMM, bf16 and fp32), then the FLOPs
+the engine achieves in batched pre-label inference (vision encoder + LLM prefill and scoring) as a share of
+the peak of the dtype it computes in (MFU). FLOPs are counted by torch's FlopCounterMode on the same call
+that is then timed without it.
+
+    .venv/bin/python bench/mfu.py [--model builtin] [--duration 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, ".")
+
+
+def gemm_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of repeated (m x k) @ (k x n) products in ``dtype``."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def counted(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--autocast-only", action="store_true", help="keep fp32 weights (as training does)")
+    args = ap.parse_args()
+    from workers.jobs import decode_side, decode_windows, window_probabilities
+    from workers.linevideo import generate_dataset
+    from workers.schemas import PrelabelSettings, parse_labels
+    from workers.stllm.io import build_model
+
+    threads = torch.get_num_threads()
+    peaks = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        peaks[name] = gemm_peak(dtype, 2048, 2048, 2048)
+        small = gemm_peak(dtype, 512, 576, 1536)
+        print(
+            f"GEMM peak, {threads} threads, {name}: {peaks[name]:.0f} GFLOP/s at 2048^3; "
+            f"{small:.0f} GFLOP/s at 512x576x1536 (SmolLM2-135M's MLP)"
+        )
+
+    model = build_model(args.model, device="cpu", dtype="auto").eval()
+    if args.autocast_only:
+        print("weights kept in fp32, bf16 by autocast")
+    else:
+        model.inference_weights()
+    dtype = "bf16" if model.compute_dtype == torch.bfloat16 else "fp32"
+    work = Path(tempfile.mkdtemp(prefix="stllm-mfu-"))
+    video = generate_dataset(work, 1, seed=7, duration=args.duration)[0]["video"]
+    s = PrelabelSettings()
+    d = decode_windows(
+        video, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
+    )
+    questions = [x.question() for x in parse_labels(["jam", "hand", "defect", "part_passing", "empty_line"])]
+
+    def vision() -> None:
+        model.frame_features(d.frames)
+
+    features = model.frame_features(d.frames)
+
+    def llm() -> None:
+        with torch.inference_mode():
+            g = features[d.global_index].unsqueeze(0)
+            for i in range(0, len(d.window_index), s.window_batch):
+                idx = d.window_index[i : i + s.window_batch]
+                video_tokens = model.video_tokens(features[idx], g.expand(len(idx), -1, -1, -1))
+                model.score(video_tokens, questions, ["yes", "no"])
+
+    def whole() -> None:
+        window_probabilities(model, d, questions, s.window_batch)
+
+    print(
+        f"engine: {args.model}, computing in {dtype}; one {args.duration:.0f} s video: {len(d.frames)} frames "
+        f"decoded, {len(d.window_index)} windows x {s.frames_per_window} frames, {len(questions)} labels, "
+        f"batches of {s.window_batch} windows"
+    )
+    for name, fn in (("vision encoder", vision), ("LLM prefill + scoring", llm), ("whole pre-label", whole)):
+        flops, seconds = counted(fn), timed(fn)
+        achieved = flops / seconds / 1e9
+        print(
+            f"  {name:<22} {flops / 1e9:8.1f} GFLOP in {seconds * 1000:7.1f} ms = {achieved:6.0f} GFLOP/s "
+            f"-> MFU {100 * achieved / peaks[dtype]:.0f}% of the {dtype} GEMM peak"
+        )
+    print("\ncommand: .venv/bin/python bench/mfu.py")
+
+
+if __name__ == "__main__":
+    main()
