@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from labelstudio_backend.config import ProjectConfig, parse_label_config
-from labelstudio_backend.media import MediaError, resolve_local
+from labelstudio_backend.media import MediaError, media_source
 from labelstudio_backend.timeline import segments_from_regions
 
 log = logging.getLogger("stllm.labelstudio")
@@ -147,13 +147,40 @@ class LabelStudioAPI:
         return ml.id
 
 
-def pulled_from_tasks(tasks: list[dict], config: ProjectConfig, document_root: str | None) -> dict:
+def auth_header(url: str, api_key: str) -> str:
+    """The Authorization header for Label Studio at ``url``: ``Token <key>`` for a legacy token; a personal
+    access token (a JWT refresh token) is exchanged for a short-lived access token first."""
+    if api_key.count(".") != 2:
+        return f"Token {api_key}"
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/api/token/refresh",
+        data=json.dumps({"refresh": api_key}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return f"Bearer {json.load(r)['access']}"
+    except (OSError, KeyError, ValueError) as e:
+        raise LabelStudioError(f"Label Studio {url}: exchanging the personal access token failed: {e}") from e
+
+
+def pulled_from_tasks(
+    tasks: list[dict],
+    config: ProjectConfig,
+    document_root: str | None,
+    ls_url: str | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
+) -> dict:
     """Tasks with their ``annotations`` -> the corrections a round freezes into a snapshot.
 
     One entry per task with a submitted (not cancelled) annotation: its latest annotation's timeline regions
     as segments in seconds, the video's path under the document root, and the ids that trace it (task,
     annotation, and the prediction it started from: a pre-label accepted unchanged counts as a confirmation).
-    Tasks whose media cannot be resolved are listed under ``skipped`` with the reason."""
+    Tasks whose media cannot be resolved are listed under ``skipped`` with the reason; remote media stays a
+    URL that the worker downloads."""
     entries, skipped = [], []
     for t in tasks:
         done = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
@@ -161,7 +188,9 @@ def pulled_from_tasks(tasks: list[dict], config: ProjectConfig, document_root: s
             continue
         latest = max(done, key=lambda a: (str(a.get("updated_at") or ""), a.get("id", 0)))
         try:
-            path = resolve_local((t.get("data") or {}).get(config.video_key, ""), document_root)
+            path = media_source(
+                (t.get("data") or {}).get(config.video_key, ""), t["id"], document_root, ls_url, allowed_hosts
+            )
         except MediaError as e:
             skipped.append({"task": t["id"], "reason": str(e)})
             continue
@@ -177,8 +206,10 @@ def pulled_from_tasks(tasks: list[dict], config: ProjectConfig, document_root: s
     return {"labels": [x.model_dump() for x in config.labels], "tasks": entries, "skipped": skipped}
 
 
-def pull_corrections(api: LabelStudioAPI, project: int, document_root: str | None) -> dict:
+def pull_corrections(
+    api: LabelStudioAPI, project: int, document_root: str | None, allowed_hosts: frozenset[str] = frozenset()
+) -> dict:
     """Every annotated task of a project, pulled through the API (see :func:`pulled_from_tasks`)."""
     config = parse_label_config(api.label_config(project))
-    pulled = pulled_from_tasks(api.tasks(project), config, document_root)
+    pulled = pulled_from_tasks(api.tasks(project), config, document_root, api.url, allowed_hosts)
     return {"project": project, "url": api.url, **pulled}

@@ -28,7 +28,7 @@ from flask import Flask, Response, jsonify, request
 
 from labelstudio_backend.api import pulled_from_tasks
 from labelstudio_backend.config import ConfigError, parse_label_config
-from labelstudio_backend.media import MediaError, resolve_local
+from labelstudio_backend.media import MediaError, media_source
 from workers.sinks import AppendLog, JsonlSink
 
 log = logging.getLogger("stllm.labelstudio")
@@ -70,6 +70,12 @@ class BackendSettings:
     # Round settings (RoundSettings.from_dict's JSON), e.g. '{"train": {"steps": 200}}'.
     round_settings: dict = field(
         default_factory=lambda: json.loads(os.environ.get("STLLM_LS_ROUND_SETTINGS", "{}"))
+    )
+    # Hosts (besides Label Studio itself) whose http(s) media URLs workers may download.
+    allowed_hosts: frozenset[str] = field(
+        default_factory=lambda: frozenset(
+            h.strip() for h in os.environ.get("STLLM_LS_ALLOWED_HOSTS", "").split(",") if h.strip()
+        )
     )
     # /predict does not enqueue a task again within this many seconds of enqueueing it.
     requeue_after_s: float = 600.0
@@ -120,8 +126,11 @@ def _json_body() -> dict:
     return body
 
 
-def _task_video(task: dict, config, document_root: str | None) -> str:
-    return str(resolve_local((task.get("data") or {}).get(config.video_key, ""), document_root))
+def _task_video(task: dict, config, settings: BackendSettings) -> str:
+    url = (task.get("data") or {}).get(config.video_key, "")
+    return media_source(
+        url, task["id"], settings.document_root, settings.connection()[0], settings.allowed_hosts
+    )
 
 
 def enqueue_prelabel(
@@ -141,7 +150,7 @@ def enqueue_prelabel(
     videos, skipped = {}, []
     for t in tasks:
         try:
-            videos[_task_video(t, config, settings.document_root)] = t["id"]
+            videos[_task_video(t, config, settings)] = t["id"]
         except MediaError as e:
             skipped.append({"task": t["id"], "reason": str(e)})
     if not videos:
@@ -238,7 +247,9 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
 
         try:
             url, key = s.connection()
-            pulled = pull_corrections(LabelStudioAPI.from_env(url, key), project, s.document_root)
+            pulled = pull_corrections(
+                LabelStudioAPI.from_env(url, key), project, s.document_root, s.allowed_hosts
+            )
             _record_round(project, reason, pulled)
         except Exception as e:  # the webhook already answered: log and record why no round started
             log.error("round for project %s not started: %s", project, e)
@@ -343,7 +354,7 @@ def create_app(settings: BackendSettings | None = None) -> Flask:
         xml = body.get("label_config") or ""
         config = parse_label_config(xml)
         project = str(body.get("project", "")).split(".")[0]
-        pulled = pulled_from_tasks(tasks, config, s.document_root)
+        pulled = pulled_from_tasks(tasks, config, s.document_root, s.connection()[0], s.allowed_hosts)
         pulled.update(project=int(project) if project.isdigit() else project, url=s.connection()[0] or "")
         background.submit(_record_round, pulled["project"], "train call", pulled)
         return jsonify({"status": "training requested", "tasks": len(pulled["tasks"])}), 201

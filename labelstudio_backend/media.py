@@ -1,11 +1,15 @@
-"""Where a Label Studio task's video is on disk. Local-files URLs resolve under the shared document root
-only; anything that would escape it, and hosts that are not allowed, are refused with the reason."""
+"""Where a Label Studio task's video is. Local-files URLs resolve under the shared document root only
+(anything that would escape it is refused); uploads are fetched from Label Studio with its API key, cloud
+storage URIs (s3://, gs://, azure-blob://) through Label Studio's resolver for the task; other hosts only
+when allowed by configuration (``STLLM_LS_ALLOWED_HOSTS``). The workers download remote media
+(``workers.media``), never the backend inside a request."""
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
 class MediaError(ValueError):
@@ -36,3 +40,48 @@ def resolve_local(url: str, document_root: str | os.PathLike | None) -> Path:
     raise MediaError(
         f"media at {parts.scheme}://{parts.netloc} is not fetched by this backend (only local files)"
     )
+
+
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
+
+
+def media_source(
+    url: str,
+    task_id: int,
+    document_root: str | os.PathLike | None,
+    ls_url: str | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
+) -> str:
+    """What a worker opens for this task's video: a local path (local files), or an http(s) URL it downloads
+    (Label Studio uploads and cloud storage go through ``ls_url``; other hosts only if allowed)."""
+    parts = urlsplit(url or "")
+    if parts.path.rstrip("/").endswith("/data/local-files") or not url:
+        return str(resolve_local(url, document_root))
+    if parts.scheme in CLOUD_SCHEMES:
+        if not ls_url:
+            raise MediaError(
+                f"{url!r} is in cloud storage: set LABEL_STUDIO_URL so Label Studio can resolve it"
+            )
+        uri = base64.urlsafe_b64encode(url.encode()).decode()
+        return f"{ls_url.rstrip('/')}/tasks/{task_id}/resolve/?fileuri={quote(uri)}"
+    if parts.path.startswith("/data/upload/") and (not parts.netloc or _same_origin(url, ls_url)):
+        if not ls_url:
+            raise MediaError(f"{url!r} is a Label Studio upload: set LABEL_STUDIO_URL to fetch it")
+        return f"{ls_url.rstrip('/')}{parts.path}"
+    if parts.scheme in ("http", "https") and parts.hostname in allowed_hosts:
+        return url
+    if parts.scheme in ("", "file") and not parts.netloc:
+        raise MediaError(
+            f"plain file paths are not served; use Local Storage (/data/local-files/?d=...): {url!r}"
+        )
+    raise MediaError(
+        f"media at {parts.scheme}://{parts.netloc} is not fetched: add the host to STLLM_LS_ALLOWED_HOSTS "
+        "or serve the file through Label Studio"
+    )
+
+
+def _same_origin(a: str, b: str | None) -> bool:
+    if not b:
+        return False
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.netloc) == (pb.scheme, pb.netloc)

@@ -139,6 +139,20 @@ def _wait_for(settings: BackendSettings, action: str, timeout: float = 120.0) ->
     raise AssertionError(f"no {action} event within {timeout} s: {corrections_log(settings)}")
 
 
+def test_a_round_is_requested_after_every_n_new_corrections(backend):
+    client, settings, _ = backend
+    settings.round_every = 2
+    body = {"action": "ANNOTATION_CREATED", "project": {"id": 4}, "task": {"id": 1}}
+    client.post("/webhook", json={**body, "annotation": {**ANNOTATION, "id": 61}})
+    assert not [r for r in corrections_log(settings) if r["action"] == "ROUND_REQUESTED"]
+    client.post("/webhook", json={**body, "annotation": {**ANNOTATION, "id": 61}})  # a repeat is not new
+    assert not [r for r in corrections_log(settings) if r["action"] == "ROUND_REQUESTED"]
+    client.post("/webhook", json={**body, "annotation": {**ANNOTATION, "id": 62}})
+    requested = [r for r in corrections_log(settings) if r["action"] == "ROUND_REQUESTED"]
+    assert len(requested) == 1 and requested[0]["reason"] == "2 new corrections"
+    assert _wait_for(settings, "ROUND_FAILED")["project"] == 4  # no Label Studio here to pull from
+
+
 def test_setup_learns_where_label_studio_is(backend):
     client, settings, _ = backend
     assert settings.connection() == (None, None)

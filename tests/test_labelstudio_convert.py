@@ -132,3 +132,22 @@ def test_a_prediction_that_does_not_match_the_config_is_never_pushed():
             api.push_prediction(1, {**good, "result": [bad]}, CONFIG)
     with pytest.raises(LabelStudioError, match="127.0.0.1:9"):  # a valid one goes out, and fails clearly
         api.push_prediction(1, {**good, "result": [region]}, CONFIG)
+
+
+def test_media_sources_by_kind():
+    from labelstudio_backend.media import MediaError, media_source
+
+    ls = "http://ls:8080"
+    assert media_source("/data/upload/3/a.mp4", 5, None, ls) == "http://ls:8080/data/upload/3/a.mp4"
+    assert (
+        media_source("http://ls:8080/data/upload/3/a.mp4", 5, None, ls)
+        == "http://ls:8080/data/upload/3/a.mp4"
+    )
+    cloud = media_source("s3://bucket/line/a.mp4", 5, None, ls)
+    assert cloud.startswith("http://ls:8080/tasks/5/resolve/?fileuri=")
+    assert media_source("https://cdn.example/a.mp4", 5, None, ls, frozenset({"cdn.example"})).startswith(
+        "https://cdn"
+    )
+    for bad, allowed in (("https://evil.example/a.mp4", frozenset({"cdn.example"})), ("s3://b/a.mp4", None)):
+        with pytest.raises(MediaError):
+            media_source(bad, 5, None, None if allowed is None else ls, allowed or frozenset())

@@ -313,3 +313,36 @@ def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend,
     assert result["version"] == "round-2" and result["promoted"]
     assert "6 videos" in out.stderr  # the snapshot line: every annotated task
     assert store.read()["versions"]["round-2"]["parent"] == "round-1"
+
+
+def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, backend, media, tmp_path):
+    """A video uploaded into Label Studio (/data/upload/..., served only with the API key) is downloaded by
+    the worker; `stllm labelstudio prelabel` gives every task a prediction from the served version."""
+    import httpx
+
+    ls = label_studio.client
+    project = [p.id for p in ls.projects.list() if p.title == "line QA"][0]
+    upload = sorted((media / "line").glob("*.mp4"))[0]
+    with open(upload, "rb") as f:
+        r = httpx.post(
+            f"{label_studio.url}/api/projects/{project}/import",
+            headers={"Authorization": f"Token {TOKEN}"},
+            files={"file": ("uploaded.mp4", f, "video/mp4")},
+            timeout=60,
+        )
+    assert r.status_code == 201, r.text
+    tasks = label_studio.tasks(project)
+    uploaded = [t for t in tasks if t["data"]["video"].startswith("/data/upload/")]
+    assert len(tasks) == 7 and len(uploaded) == 1
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "labelstudio", "prelabel", "--project", str(project)],
+        env={**backend["env"], "STLLM_MEDIA_CACHE": str(tmp_path / "media-cache")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["version"], summary["done"], summary["failed"]) == ("round-2", 7, 0)
+    for t in label_studio.tasks(project):
+        assert "round-2" in t["prediction_versions"], t

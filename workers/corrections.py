@@ -158,12 +158,14 @@ def snapshot_from_labelstudio(pulled: dict) -> Snapshot:
     """Corrections from a Label Studio project, as ``labelstudio_backend.api.pull_corrections`` pulls them:
     every task with a submitted annotation, its video probed here (fps, frames, duration). An annotated task
     with no region counts as checked with no event; a pre-label accepted unchanged counts as a confirmation."""
+    from workers.media import fetch
     from workers.stllm.video import probe
     from workers.timecodes import seconds_to_frames
 
     videos = []
     for t in pulled["tasks"]:
-        info = probe(t["video"])
+        local = fetch(t["video"])  # uploads and cloud media: downloaded once, with Label Studio's key
+        info = probe(local)
         segments = []  # Label Studio numbered frames at the project's rate; renumber at the file's own
         for s in t["segments"]:
             first, last = seconds_to_frames(s["start_s"], s["end_s"], info.fps, info.n_frames)
@@ -171,7 +173,7 @@ def snapshot_from_labelstudio(pulled: dict) -> Snapshot:
         videos.append(
             CorrectedVideo(
                 video_id=f"ls:{pulled['project']}:{t['task']}",
-                video=t["video"],
+                video=local,
                 fps=info.fps,
                 n_frames=info.n_frames,
                 duration=info.duration,

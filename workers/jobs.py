@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from workers.events import segments_from_probabilities, windows
+from workers.media import fetch
 from workers.schemas import (
     AskResult,
     AskSettings,
@@ -151,7 +152,7 @@ def prelabel_videos(
 
     def decode(path: str) -> DecodedVideo:
         return decode_windows(
-            path, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
+            fetch(path), s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
         )
 
     for path, decoded in prefetch(videos, decode):
@@ -228,7 +229,7 @@ def ask_videos(
 
     def decode(path: str) -> DecodedVideo:
         return decode_windows(
-            path,
+            fetch(path),
             s.window_s,
             s.stride_s,
             s.frames_per_window,

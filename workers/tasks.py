@@ -70,6 +70,10 @@ def is_cancelled(job_id: str) -> bool:
 def _run(task, job_id: str, videos: list[str], sink: dict | None, fn) -> dict:
     results, done, failed = [], 0, 0
     out = sink_from(sink)
+    if sink and sink.get("url") and sink.get("api_key"):  # Label Studio media is fetched with its key
+        from workers.media import register_key
+
+        register_key(sink["url"], sink["api_key"])
     for video in videos:
         if is_cancelled(job_id):
             log.info("job %s cancelled: skipping %d videos", job_id, len(videos) - done - failed)
