@@ -37,7 +37,7 @@ def token_counts(k: int) -> dict[str, int]:
 
 def training_batch(model, batch: int, frames: int, feat_dim: int, k: int):
     feats = torch.randn(batch, frames, k, feat_dim)
-    prompt = model.text_ids("Does this clip show a jam? Answer yes or no." + model.prompt_tail)
+    prompt = model.question_ids("Does this clip show a jam? Answer yes or no.")
     answer = model.text_ids("yes")
     ids = torch.tensor([prompt + answer] * batch)
     labels = torch.tensor([[IGNORE] * len(prompt) + answer] * batch)

@@ -173,7 +173,7 @@ def main() -> None:
     one = time.perf_counter() - t
     flops = counter.get_total_flops()
     head = len(model.text_ids(model.prompt_head))
-    q_tokens = sum(len(model.text_ids(q + model.prompt_tail)) for q in questions)
+    q_tokens = sum(len(model.question_ids(q)) for q in questions)
     tokens = len(d.window_index) * (head + settings.frames_per_window * k + q_tokens)
     print(
         f"one video's windows (compute only, decoded beforehand): {one * 1000:.0f} ms, {tokens / one:,.0f} LLM tokens/s, "
@@ -192,7 +192,7 @@ def main() -> None:
     frames = model.frame_features(d.frames[:64]).to(device)
     feats = frames[:16].unsqueeze(0).expand(batch, -1, -1, -1)
     gfeats = frames.unsqueeze(0).expand(batch, -1, -1, -1)
-    prompt = train_model.text_ids(questions[0] + train_model.prompt_tail)
+    prompt = train_model.question_ids(questions[0])
     answer = train_model.text_ids("yes")
     ids = torch.tensor([prompt + answer] * batch)
     lab = torch.tensor([[IGNORE] * len(prompt) + answer] * batch)

@@ -456,6 +456,45 @@ def _labelstudio_prelabel(args) -> int:
     return 0 if st.done or not st.total else 1
 
 
+def cmd_convert_stllm(args) -> int:
+    from workers.stllm.convert import ConversionError, convert_stllm
+
+    try:
+        out = convert_stllm(
+            args.src, args.dst, qformer_tokenizer=args.qformer_tokenizer, version=args.version
+        )
+    except ConversionError as e:
+        print(f"stllm convert-stllm: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} -> {out} (version {args.version}); use it as --model {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from workers.mc import MODES, evaluate_mc, load_questions
+
+    questions = load_questions(args.file)[: args.limit]
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"--modes takes a comma-separated subset of {list(MODES)}")
+    model = _load(args)
+    with tqdm(total=len(questions), desc="mc", unit="question", file=sys.stderr) as bar:
+        result = evaluate_mc(model, questions, modes, progress=lambda _: bar.update(1))
+    tasks = sorted({t for m in modes for t in result[m]["per_task"]})
+    print(f"{'task':<24}" + "".join(f"{m:>10}" for m in modes))
+    for t in tasks:
+        print(
+            f"{t:<24}" + "".join(f"{100 * result[m]['per_task'].get(t, float('nan')):>9.1f}%" for m in modes)
+        )
+    print(f"{'overall':<24}" + "".join(f"{100 * result[m]['overall']:>9.1f}%" for m in modes))
+    print(f"{result['n']} questions, {result['errors']} failed; model {model.version}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({**result, "model_version": model.version}, indent=1))
+    return 0 if result["errors"] < result["n"] else 1
+
+
 def cmd_demo(args) -> int:
     from workers.demo import run_demo
 
@@ -609,6 +648,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--dir", default=None, help="plugins folder (default: FiftyOne's plugins_dir)")
     p.set_defaults(func=cmd_fiftyone)
+
+    p = sub.add_parser(
+        "convert-stllm",
+        help="convert a released ST-LLM checkpoint into a model directory (strict: every key must map)",
+        description="SRC is a checkpoint directory of the ST-LLM release (config.json, tokenizer, sharded or "
+        "single .bin, or safetensors). Every key is renamed into transformers' InstructBlipVideo layout, the "
+        "temporal adapter and ST-LLM's own parts; a key that maps nowhere, or a parameter left unfilled, stops "
+        "the conversion with the names listed.",
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument(
+        "--qformer-tokenizer",
+        default="bert-base-uncased",
+        help="the Q-Former's BERT tokenizer: hub id or local path (default bert-base-uncased)",
+    )
+    p.add_argument("--version", default="st-llm", help="the version name predictions will carry")
+    p.set_defaults(func=cmd_convert_stllm)
+
+    p = sub.add_parser("eval", help="evaluations: 'eval mc' = multiple-choice video QA (MVBench style)")
+    esub = p.add_subparsers(dest="eval_command", required=True, metavar="KIND")
+    e = esub.add_parser(
+        "mc",
+        help="accuracy per task and overall, by the paper's generation and by option likelihood",
+        description="FILE: JSON list or JSON lines of {video, start?, end?, question, options, answer, task?}.",
+    )
+    e.add_argument("file")
+    _add_model_args(e)
+    e.add_argument("--modes", default="generate,score", help="generate,score (default both)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    e.add_argument("--out", help="write the accuracies and every item's answers as JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "demo",

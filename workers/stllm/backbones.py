@@ -75,6 +75,9 @@ class Backbone(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)
 
+    # Text between the video and the question (most backbones: none).
+    prompt_mid: str = ""
+
     def prompt_parts(self) -> tuple[str, str]:
         return _split_chat_template(self.tokenizer)
 
@@ -266,6 +269,8 @@ def resolve_spec(name_or_spec: str | dict[str, Any]) -> dict[str, Any]:
     config = Path(name_or_spec) / "config.json"
     if "smolvlm" in name_or_spec.lower() or (config.exists() and '"smolvlm"' in config.read_text()):
         return {"kind": "smolvlm2", "model": name_or_spec}
+    if config.exists() and '"instructblipvideo"' in config.read_text():
+        return {"kind": "instructblip-video", "model": name_or_spec}
     raise ValueError(
         f"unknown model {name_or_spec!r}: use 'builtin', a SmolVLM2 hub id "
         "(e.g. HuggingFaceTB/SmolVLM2-500M-Video-Instruct), or a saved stllm model directory"
@@ -275,6 +280,10 @@ def resolve_spec(name_or_spec: str | dict[str, Any]) -> dict[str, Any]:
 def build_backbone(spec: dict[str, Any]) -> Backbone:
     """Instantiate a backbone from its spec."""
     kind = spec.get("kind")
+    if kind == "instructblip-video" and kind not in BACKBONES:
+        from workers.stllm.instructblip import InstructBlipVideoBackbone
+
+        BACKBONES[kind] = InstructBlipVideoBackbone
     if kind not in BACKBONES:
         raise ValueError(f"unknown backbone kind {kind!r}; known: {sorted(BACKBONES)}")
     return BACKBONES[kind](spec)

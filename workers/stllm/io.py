@@ -124,7 +124,10 @@ def load_model(
         return build_model(str(directory_or_name), device=device, dtype=dtype)
     directory = Path(directory_or_name)
     meta = json.loads((directory / MODEL_FILE).read_text())
-    model = build_model(meta["backbone"], STLLMConfig(**meta["config"]), device=device, dtype=dtype)
+    spec = meta["backbone"]
+    if spec.get("model") and not Path(spec["model"]).is_absolute() and (directory / spec["model"]).exists():
+        spec = {**spec, "model": str(directory / spec["model"])}  # weights kept inside the model directory
+    model = build_model(spec, STLLMConfig(**meta["config"]), device=device, dtype=dtype)
     state = load_file(directory / "trainable.safetensors")
     for name, module in model.trainable_modules().items():
         prefix = name + "."

@@ -109,7 +109,7 @@ class STLLM(nn.Module):
 
     Holds the trainable parts that are not LoRA: the backbone's projector/connector, the global-local
     fusion MLP and the MVM head. ``compute_dtype`` (bf16 or fp32) is used through autocast on CUDA and
-    on CPUs with bf16 matrix units; weights stay fp32 unless :meth:`cast` is called.
+    on CPUs with bf16 matrix units; weights stay fp32 unless :meth:`inference_weights` is called.
     """
 
     def __init__(self, backbone: Backbone, config: STLLMConfig | None = None):
@@ -123,7 +123,7 @@ class STLLM(nn.Module):
         self.compute_dtype = torch.float32
         self.version = "base"
         head, tail = backbone.prompt_parts()
-        self.prompt_head, self.prompt_tail = head, tail
+        self.prompt_head, self.prompt_mid, self.prompt_tail = head, backbone.prompt_mid, tail
 
     # ------------------------------------------------------------------ parts
     @property
@@ -170,6 +170,11 @@ class STLLM(nn.Module):
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def question_ids(self, question: str, answer_prefix: str = "") -> list[int]:
+        """Token ids of what follows the video: the question in the backbone's prompt format, then
+        ``answer_prefix`` (the start of the answer, e.g. ``"Best option:("``)."""
+        return self.text_ids(self.prompt_mid + question + self.prompt_tail + answer_prefix)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids.to(self.device))
@@ -296,7 +301,9 @@ class STLLM(nn.Module):
         return out.cache, last, inputs.shape[1]
 
     @torch.inference_mode()
-    def score(self, video: torch.Tensor, queries: list[str], candidates: list[str]) -> torch.Tensor:
+    def score(
+        self, video: torch.Tensor, queries: list[str], candidates: list[str], answer_prefix: str = ""
+    ) -> torch.Tensor:
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
         The video + prompt head is computed once per video (KV cache); every (query, candidate) continuation
@@ -304,7 +311,7 @@ class STLLM(nn.Module):
         are read off the query's last position, so that case needs one row per query, not per candidate.
         """
         b = video.shape[0]
-        q_ids = [self.text_ids(q + self.prompt_tail) for q in queries]
+        q_ids = [self.question_ids(q, answer_prefix) for q in queries]
         c_ids = [self.text_ids(c) for c in candidates]
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("every query needs at least one token")
@@ -347,7 +354,9 @@ class STLLM(nn.Module):
         return scores.view(b, len(queries), len(candidates))
 
     @torch.inference_mode()
-    def score_naive(self, video: torch.Tensor, queries: list[str], candidates: list[str]) -> torch.Tensor:
+    def score_naive(
+        self, video: torch.Tensor, queries: list[str], candidates: list[str], answer_prefix: str = ""
+    ) -> torch.Tensor:
         """Reference for :meth:`score`: one full forward per (video, query, candidate), no cache."""
         b = video.shape[0]
         out = torch.zeros(b, len(queries), len(candidates))
@@ -355,7 +364,7 @@ class STLLM(nn.Module):
         for bi in range(b):
             for qi, q in enumerate(queries):
                 for ci, c in enumerate(candidates):
-                    context = self.text_ids(q + self.prompt_tail)
+                    context = self.question_ids(q, answer_prefix)
                     cand = self.text_ids(c)
                     ids = torch.tensor([context + cand])
                     with self.autocast():
@@ -370,11 +379,14 @@ class STLLM(nn.Module):
         return out
 
     @torch.inference_mode()
-    def generate(self, video: torch.Tensor, question: str, max_new_tokens: int = 48) -> list[str]:
-        """Greedy free-text answers to ``question`` for each video in the batch (B, L, D)."""
+    def generate(
+        self, video: torch.Tensor, question: str, max_new_tokens: int = 48, answer_prefix: str = ""
+    ) -> list[str]:
+        """Greedy free-text answers to ``question`` for each video in the batch (B, L, D), continuing
+        ``answer_prefix`` (not repeated in the answer)."""
         b = video.shape[0]
         cache, _, plen = self.prefix(video)
-        q = torch.tensor([self.text_ids(question + self.prompt_tail)] * b)
+        q = torch.tensor([self.question_ids(question, answer_prefix)] * b)
         eos = self.tokenizer.eos_token_id
         done = torch.zeros(b, dtype=torch.bool)
         answers: list[list[int]] = [[] for _ in range(b)]

@@ -108,3 +108,157 @@ def tiny_smolvlm(directory: str | Path, seed: int = 0, **config_kwargs) -> dict[
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return {"kind": "smolvlm2", "model": str(directory)}
+
+
+def bert_tokenizer(directory: str | Path):
+    """A small BERT WordPiece tokenizer (lower-case letters, digits and a few words), saved under
+    ``directory``: the Q-Former's tokenizer at toy size."""
+    from transformers import BertTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += list("abcdefghijklmnopqrstuvwxyz0123456789?.,!'()")
+    words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    words += ["the", "what", "video", "does", "is", "happen", "first", "how", "many"]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(directory)
+    return tok
+
+
+def tiny_instructblip_video_config(vocab_size: int, qformer_vocab: int, image_size: int = 28):
+    """InstructBlipVideo at toy size, with the released models' head widths (ViT 88, Q-Former 64 per head)."""
+    from transformers import InstructBlipVideoConfig
+
+    tok = byte_tokenizer()
+    text = _tiny_llama_config(tok, 64, 2).to_dict()
+    text["vocab_size"] = vocab_size
+    return InstructBlipVideoConfig(
+        vision_config={
+            "hidden_size": 176,
+            "intermediate_size": 352,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 14,
+            "layer_norm_eps": 1e-6,
+        },
+        qformer_config={
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 256,
+            "vocab_size": qformer_vocab,
+            "encoder_hidden_size": 176,
+            "cross_attention_frequency": 1,
+        },
+        text_config=text,
+        num_query_tokens=4,
+    )
+
+
+def _release_names(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' InstructBlipVideo names -> the ST-LLM release's names (the converter's inverse)."""
+    import re
+
+    out = {}
+    p = "model.stllm_model."
+    for k, v in hf_state.items():
+        if k.startswith("language_model.model."):
+            out["model." + k[len("language_model.model.") :]] = v
+        elif k == "language_model.lm_head.weight":
+            out["lm_head.weight"] = v
+        elif k == "query_tokens":
+            out[p + "query_tokens"] = v
+        elif k.startswith("language_projection."):
+            out[p + "llama_proj." + k.split(".", 1)[1]] = v
+        elif k.startswith("vision_model.post_layernorm."):
+            out[p + "ln_vision." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("vision_model.embeddings."):
+            name = {
+                "class_embedding": "cls_token",
+                "position_embedding": "pos_embed",
+                "patch_embedding.weight": "patch_embed.proj.weight",
+                "patch_embedding.bias": "patch_embed.proj.bias",
+            }[k[len("vision_model.embeddings.") :]]
+            out[p + "visual_encoder." + name] = v
+        elif m := re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.(.+)", k):
+            i, tail = m.groups()
+            base = f"{p}visual_encoder.blocks.{i}."
+            if tail == "self_attn.qkv.bias":
+                d = v.shape[0] // 3
+                out[base + "attn.q_bias"], out[base + "attn.v_bias"] = v[:d], v[2 * d :]
+                continue
+            tail = tail.replace("layer_norm", "norm").replace("self_attn.projection", "attn.proj")
+            out[base + tail.replace("self_attn.", "attn.")] = v
+        elif k.startswith("qformer."):
+            rest = k[len("qformer.") :].replace("embeddings.layernorm.", "embeddings.LayerNorm.")
+            rest = re.sub(r"\.(attention|crossattention)\.attention\.", r".\1.self.", rest)
+            out[p + "Qformer.bert." + rest] = v
+        else:
+            raise KeyError(k)
+    return out
+
+
+def tiny_stllm_release(directory: str | Path, adapter: bool = True, seed: int = 0) -> dict[str, Any]:
+    """A checkpoint laid out as the ST-LLM release at toy size, with random weights: two ``.bin`` shards with
+    an index, ``config.json`` (``model_type: st_llm_hf``) and the LLaMA-side tokenizer. Returns the
+    modules its weights came from (``hf``: InstructBlipVideo, ``adapter``, ``fusion``, ``mvm``) and the
+    Q-Former tokenizer's folder, for comparing a converted model against a direct forward."""
+    import json
+
+    from transformers import InstructBlipVideoForConditionalGeneration
+
+    from workers.stllm.instructblip import TemporalAdapter
+    from workers.stllm.model import GlobalLocalFusion, MVMHead
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["[PAD]"]})
+    qtok_dir = directory.parent / (directory.name + "-qformer-tokenizer")
+    qtok = bert_tokenizer(qtok_dir)
+    config = tiny_instructblip_video_config(len(tok), len(qtok))
+    hf = InstructBlipVideoForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # visible weights everywhere (defaults leave LayerNorms and biases trivial)
+            p.add_(torch.randn_like(p) * 0.05)
+    state = _release_names(hf.state_dict())
+    mods: dict[str, Any] = {"hf": hf, "qformer_tokenizer": str(qtok_dir)}
+    if adapter:
+        a = TemporalAdapter(176, 2, 352, depth=3, max_frames=64).eval()
+        with torch.no_grad():
+            for p in a.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        mods["adapter"] = a
+        for k, v in a.state_dict().items():
+            name = {"cls": "BTAdapter_cls", "position.weight": "BTAdapter_position.weight"}.get(k)
+            if name is None:
+                kind, rest = k.split(".", 1)
+                name = f"BTAdapter_{'S' if kind == 'spatial' else 'T'}.{rest}"
+            state["model.stllm_model.visual_encoder." + name] = v
+    fusion, mvm = GlobalLocalFusion(64, 32), MVMHead(64)
+    with torch.no_grad():
+        fusion.up.weight.normal_(0, 0.05)
+    mods["fusion"], mods["mvm"] = fusion, mvm
+    for k, v in fusion.state_dict().items():
+        state[f"model.stllm_model.{k.split('.')[0]}_proj.{k.split('.')[1]}"] = v
+    for k, v in mvm.state_dict().items():
+        state["model.stllm_model.mvm_decoder." + k.replace("proj.", "head.")] = v
+    state["model.stllm_model.embed_tokens.weight"] = state["model.embed_tokens.weight"]
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[:half],
+        "pytorch_model-00002-of-00002.bin": names[half:],
+    }
+    for file, keys in shards.items():
+        torch.save({k: state[k].clone() for k in keys}, directory / file)
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    text = config.text_config.to_dict()
+    (directory / "config.json").write_text(json.dumps({**text, "model_type": "st_llm_hf"}))
+    tok.save_pretrained(directory)
+    return mods

@@ -54,7 +54,7 @@ def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, t
     rows, labels = [], []
     eos = [model.tokenizer.eos_token_id] if model.tokenizer.eos_token_id is not None else []
     for ex in examples:
-        prompt = model.text_ids(ex.question + model.prompt_tail)
+        prompt = model.question_ids(ex.question)
         answer = model.text_ids(ex.answer) + eos
         rows.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
