@@ -195,3 +195,28 @@ def test_eval_mc_command_runs_the_converted_model(converted, tmp_path):
         assert 0.0 <= result[mode]["overall"] <= 1.0 and "overall" in out.stdout
     letters = set(string.ascii_uppercase[:4])
     assert all(i["score"] in letters for i in result["items"])  # scoring always names an option
+
+
+def test_converted_model_trains_under_the_stllm_method(converted, tmp_path):
+    """All tokens, global-local and masking + MVM on the converted model; it can also be a store's base."""
+    from workers.registry import ModelStore
+    from workers.rounds import init_store
+    from workers.stllm.model import IGNORE
+
+    model = load_model(converted, device="cpu", dtype="fp32")
+    model.attach_lora()
+    model.train()
+    features = model.backbone.vision_features(torch.randn(8, 3, 28, 28)).detach()
+    local = features[:4].unsqueeze(0).expand(2, -1, -1, -1)
+    video = model.video_tokens(local, features.unsqueeze(0).expand(2, -1, -1, -1))
+    assert video.shape == (2, 4 * 4, 64)  # every token of every frame: 4 frames x 4 queries
+    prompt, answer = model.question_ids("Is the line jammed?"), model.text_ids("yes")
+    ids = torch.tensor([prompt + answer] * 2)
+    labels = torch.tensor([[IGNORE] * len(prompt) + answer] * 2)
+    out = model.training_loss(video, ids, labels, torch.ones_like(ids), masking=True, mvm=True)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["mvm"] > 0 and 0.1 <= float(out["rho"]) <= 0.7
+    assert model.backbone.projector.weight.grad is not None and model.mvm_head.proj.weight.grad is not None
+    store = ModelStore(tmp_path / "store")
+    init_store(store, str(converted))
+    assert load_model(store.serving()[1], device="cpu", dtype="fp32").backbone.adapter is not None

@@ -67,14 +67,17 @@ class RoundResult:
 
 
 def init_store(store: ModelStore, base: str = "builtin") -> Path:
-    """Create a model store whose base version is a fresh ``base`` model (saved, so every worker serves the
-    identical base)."""
-    from workers.stllm.io import build_model, save_model
+    """Create a model store whose base version is ``base``: a fresh model by name or spec, or a saved model
+    directory (e.g. a converted ST-LLM release), saved so every worker serves the identical base."""
+    from workers.stllm.io import build_model, is_model_dir, load_model, save_model
 
     if store.exists():
         raise RegistryError(f"model store {store.root} already exists")
     path = store.root / "versions" / "base"
-    save_model(build_model(base, device="cpu"), path, version="base")
+    fresh = not isinstance(base, str) or not is_model_dir(base)
+    save_model(
+        build_model(base, device="cpu") if fresh else load_model(base, device="cpu"), path, version="base"
+    )
     store.init(base, path)
     return path
 

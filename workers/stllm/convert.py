@@ -295,10 +295,18 @@ def convert_stllm(
                 f"unexpected {sorted(result.unexpected_keys)}"
             )
 
+    tok = AutoTokenizer.from_pretrained(src)
+    if "[PAD]" not in tok.get_vocab():  # the original adds [PAD] (vocabulary 32001) for batching
+        tok.add_special_tokens({"pad_token": "[PAD]"})
+    if len(tok) != config.text_config.vocab_size:
+        raise ConversionError(
+            f"the tokenizer has {len(tok)} tokens but the LLM's embeddings {config.text_config.vocab_size}"
+        )
+
     backbone_dir = dst.with_name(dst.name + ".backbone.tmp")
     shutil.rmtree(backbone_dir, ignore_errors=True)
     model.save_pretrained(backbone_dir)
-    AutoTokenizer.from_pretrained(src).save_pretrained(backbone_dir)
+    tok.save_pretrained(backbone_dir)
     qtok = AutoTokenizer.from_pretrained(qformer_tokenizer, truncation_side="left")
     if qtok.bos_token is None:
         qtok.add_special_tokens({"bos_token": "[DEC]"})  # as InstructBLIP's Q-Former tokenizer
