@@ -33,13 +33,7 @@ def resolve_local(url: str, document_root: str | os.PathLike | None) -> Path:
         if root != path and root not in path.parents:
             raise MediaError(f"{url!r} points outside the document root")
         return path
-    if parts.scheme in ("", "file") and not parts.netloc:
-        raise MediaError(
-            f"plain file paths are not served; use Local Storage (/data/local-files/?d=...): {url!r}"
-        )
-    raise MediaError(
-        f"media at {parts.scheme}://{parts.netloc} is not fetched by this backend (only local files)"
-    )
+    raise MediaError(f"{url!r} is not a local-files URL (/data/local-files/?d=...)")
 
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")

@@ -63,9 +63,10 @@ class SpatialBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        # the original builds these blocks with the ViT block's default LayerNorm (eps 1e-5), not the ViT's 1e-6
+        self.norm1 = nn.LayerNorm(dim)
         self.attn = EvaAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim)
         self.mlp = EvaMlp(dim, mlp_hidden)
 
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
