@@ -74,6 +74,19 @@ def test_a_single_file_checkpoint_loads_every_key(release, tmp_path):
     out = convert_stllm(single, tmp_path / "out", mods["qformer_tokenizer"])
     a, b = load_model(out, device="cpu", dtype="fp32"), mods["hf"]
     assert torch.equal(a.backbone.projector.weight, b.language_projection.weight)
+    # and the same weights as safetensors (shared tensors saved once)
+    from safetensors.torch import save_file
+
+    (single / "pytorch_model.bin").unlink()
+    state = load_checkpoint(src)
+    state.pop("model.stllm_model.embed_tokens.weight")
+    save_file({k: v.contiguous() for k, v in state.items()}, single / "model.safetensors")
+    c = load_model(
+        convert_stllm(single, tmp_path / "out2", mods["qformer_tokenizer"]), device="cpu", dtype="fp32"
+    )
+    assert torch.equal(
+        c.backbone.adapter.temporal[0].temporal_fc.weight, mods["adapter"].temporal[0].temporal_fc.weight
+    )
 
 
 def _rewrite(src, dst, edit) -> None:
