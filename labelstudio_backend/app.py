@@ -77,6 +77,8 @@ class BackendSettings:
             h.strip() for h in os.environ.get("STLLM_LS_ALLOWED_HOSTS", "").split(",") if h.strip()
         )
     )
+    # Whether queued jobs carry the API key (STLLM_LS_SEND_KEY=0: workers have LABEL_STUDIO_API_KEY themselves).
+    send_key: bool = field(default_factory=lambda: os.environ.get("STLLM_LS_SEND_KEY", "1") != "0")
     # /predict does not enqueue a task again within this many seconds of enqueueing it.
     requeue_after_s: float = 600.0
 
@@ -156,6 +158,7 @@ def enqueue_prelabel(
     if not videos:
         return None, skipped
     url, key = settings.connection()
+    key = key if settings.send_key else None  # workers then use their own LABEL_STUDIO_API_KEY
     sink = LabelStudioSink(str(settings.state / "predictions.jsonl"), label_config, videos, url, key)
 
     def submit() -> str:

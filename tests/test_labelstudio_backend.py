@@ -269,3 +269,17 @@ def test_stllm_labelstudio_serve_answers_health_over_http(tmp_path, model_dir):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
+
+
+@pytest.mark.parametrize("send_key", [True, False])
+def test_queued_jobs_carry_the_api_key_only_when_allowed(backend, monkeypatch, send_key):
+    from labelstudio_backend.app import enqueue_prelabel
+    from workers import client as pool
+
+    _, settings, _ = backend
+    settings.ls_url, settings.ls_api_key, settings.send_key = "http://ls:8080", "secret-key", send_key
+    sent = {}
+    monkeypatch.setattr(pool, "submit_prelabel", lambda videos, labels, sink: sent.update(sink) or "job")
+    job, skipped = enqueue_prelabel([task(1, "line/line_00800.mp4")], CONFIG, settings)
+    assert job == "job" and not skipped
+    assert sent["url"] == "http://ls:8080" and sent["api_key"] == ("secret-key" if send_key else None)
