@@ -44,6 +44,23 @@ SMOLVLM2_500M = {
     },
     "scale_factor": 4,  # 1024 patches -> 64 tokens per frame
 }
+# HuggingFaceTB/SmolVLM2-256M-Video-Instruct, config.json: SigLIP-B/16 at 512 px + SmolLM2-135M
+SMOLVLM2_256M = {
+    "text": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49280,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "vision": SMOLVLM2_500M["vision"],
+    "scale_factor": 4,
+}
 SMOKE = {
     "text": {**SMOLVLM2_500M["text"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     | {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},

@@ -4,6 +4,10 @@ the peak of the dtype it computes in (MFU). FLOPs are counted by torch's FlopCou
 that is then timed without it.
 
     .venv/bin/python bench/mfu.py [--model builtin] [--duration 60]
+    .venv/bin/python bench/mfu.py --model smolvlm2-256m-shaped --duration 20 --repeat 1
+
+``smolvlm2-256m-shaped`` is SmolVLM2-256M's architecture (SigLIP-B/16 at 512 px, SmolLM2-135M) with random
+weights, built from its configuration values (bench/gpu_check.py): no download.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def gemm_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) 
     return best
 
 
-def timed(fn, repeat: int = 3) -> float:
+def timed(fn, repeat: int) -> float:
     fn()
     times = []
     for _ in range(repeat):
@@ -55,6 +59,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--autocast-only", action="store_true", help="keep fp32 weights (as training does)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per part (the best is kept)")
     args = ap.parse_args()
     from workers.jobs import decode_side, decode_windows, window_probabilities
     from workers.linevideo import generate_dataset
@@ -71,7 +76,12 @@ def main() -> None:
             f"{small:.0f} GFLOP/s at 512x576x1536 (SmolLM2-135M's MLP)"
         )
 
-    model = build_model(args.model, device="cpu", dtype="auto").eval()
+    spec = args.model
+    if args.model == "smolvlm2-256m-shaped":
+        from gpu_check import SMOLVLM2_256M, build
+
+        spec = build(SMOLVLM2_256M, Path(tempfile.mkdtemp(prefix="stllm-256m-")) / "model")
+    model = build_model(spec, device="cpu", dtype="auto").eval()
     if args.autocast_only:
         print("weights kept in fp32, bf16 by autocast")
     else:
@@ -107,7 +117,7 @@ def main() -> None:
         f"batches of {s.window_batch} windows"
     )
     for name, fn in (("vision encoder", vision), ("LLM prefill + scoring", llm), ("whole pre-label", whole)):
-        flops, seconds = counted(fn), timed(fn)
+        flops, seconds = counted(fn), timed(fn, args.repeat)
         achieved = flops / seconds / 1e9
         print(
             f"  {name:<22} {flops / 1e9:8.1f} GFLOP in {seconds * 1000:7.1f} ms = {achieved:6.0f} GFLOP/s "
