@@ -4,11 +4,15 @@
     POST /setup               {"model_version"} or 400 for a config it cannot serve
     POST /predict             predictions the workers already made for these tasks and the served version;
                               the rest are enqueued (never run inside the request)
-    POST /webhook             annotation events recorded (deduplicated) for the next round; 4xx for bad payloads
+    POST /webhook             annotation events recorded (deduplicated) for the next round; START_TRAINING
+                              pulls the project's annotations and submits a round; 4xx for bad payloads
+    POST /train               the older training call with the annotated tasks inline: submits a round
     GET  /metrics             request and event counters
 
-Settings (environment): STLLM_LS_STATE (folder for the prediction cache and the corrections log, default
-.stllm/labelstudio), LOCAL_FILES_DOCUMENT_ROOT, STLLM_LS_BASIC_AUTH_USER / STLLM_LS_BASIC_AUTH_PASSWORD,
+Settings (environment, see BackendSettings): STLLM_LS_STATE (folder for the prediction cache and the
+corrections log, default .stllm/labelstudio), LOCAL_FILES_DOCUMENT_ROOT, STLLM_LS_BASIC_AUTH_USER /
+STLLM_LS_BASIC_AUTH_PASSWORD, LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY (else learned from /setup),
+STLLM_LS_ROUND_EVERY, STLLM_LS_ROUND_SETTINGS, STLLM_LS_ALLOWED_HOSTS, STLLM_LS_SEND_KEY, and
 STLLM_MODEL_STORE / STLLM_MODEL (which version is served). Imports no torch.
 """
 
