@@ -283,3 +283,20 @@ def test_queued_jobs_carry_the_api_key_only_when_allowed(backend, monkeypatch, s
     job, skipped = enqueue_prelabel([task(1, "line/line_00800.mp4")], CONFIG, settings)
     assert job == "job" and not skipped
     assert sent["url"] == "http://ls:8080" and sent["api_key"] == ("secret-key" if send_key else None)
+
+
+def test_predict_in_interactive_mode_answers_like_a_batch_call(backend):
+    """An annotator opening a task sends one task with ``params.context`` holding their current regions; the
+    backend has no interactive model, so it serves what the workers made (nothing yet: an empty list)."""
+    client, _, _ = backend
+    context = {"result": [{**ANNOTATION["result"][0], "id": "r1"}]}
+    r = client.post(
+        "/predict",
+        json={
+            "tasks": [task(1, "line/line_00800.mp4")],
+            "label_config": CONFIG,
+            "project": "1.1700000000",
+            "params": {"login": None, "password": None, "context": context},
+        },
+    )
+    assert r.status_code == 200 and r.json["results"] == [[]] and r.json["model_version"] == "tiny@base"
