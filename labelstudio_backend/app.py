@@ -177,10 +177,13 @@ def enqueue_prelabel(
 
 
 def start_round(pulled: dict, settings: BackendSettings) -> str:
-    """Submit a fine-tune round on corrections pulled from Label Studio; returns the round's task id."""
+    """Submit a fine-tune round on corrections pulled from Label Studio; returns the round's task id. The
+    round's worker fetches uploaded media with the API key the job carries (unless STLLM_LS_SEND_KEY=0)."""
     from workers import client
 
-    return client.submit_round({"labelstudio": pulled}, settings.round_settings, None)
+    key = settings.connection()[1] if settings.send_key else None
+    payload = {**pulled, "api_key": key} if key else pulled
+    return client.submit_round({"labelstudio": payload}, settings.round_settings, None)
 
 
 def create_app(settings: BackendSettings | None = None) -> Flask:

@@ -137,9 +137,15 @@ def pool(redis_server, store, model_dir, tmp_path_factory):
     """A prediction worker and a rounds worker following the model store."""
     logs = tmp_path_factory.mktemp("ls-workers")
     env = {"STLLM_MODEL_STORE": str(store.root)}
-    started = [
-        Worker("lsw", model_dir, logs / "lsw.log", env),
-        Worker("lsr", model_dir, logs / "lsr.log", env, queues="finetune"),
+    started = [  # each with its own media cache, so that each download is its own
+        Worker("lsw", model_dir, logs / "lsw.log", {**env, "STLLM_MEDIA_CACHE": str(logs / "cache-w")}),
+        Worker(
+            "lsr",
+            model_dir,
+            logs / "lsr.log",
+            {**env, "STLLM_MEDIA_CACHE": str(logs / "cache-r")},
+            "finetune",
+        ),
     ]
     for w in started:
         w.wait_ready(120)
@@ -174,7 +180,7 @@ def backend(label_studio, media, store, pool, tmp_path_factory):
     )
     try:
         get_health(port, 60, why=str(state / "backend.log"))
-        yield {"url": f"http://127.0.0.1:{port}", "state": state, "env": env}
+        yield {"url": f"http://127.0.0.1:{port}", "state": state, "env": env, "store": store}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -315,7 +321,7 @@ def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend,
     assert store.read()["versions"]["round-2"]["parent"] == "round-1"
 
 
-def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, backend, media, tmp_path):
+def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, backend, media):
     """A video uploaded into Label Studio (/data/upload/..., served only with the API key) is downloaded by
     the worker; `stllm labelstudio prelabel` gives every task a prediction from the served version."""
     import httpx
@@ -336,7 +342,7 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     assert len(tasks) == 7 and len(uploaded) == 1
     out = subprocess.run(
         [sys.executable, "-m", "workers.cli", "labelstudio", "prelabel", "--project", str(project)],
-        env={**backend["env"], "STLLM_MEDIA_CACHE": str(tmp_path / "media-cache")},
+        env=backend["env"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -346,3 +352,28 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     assert (summary["version"], summary["done"], summary["failed"]) == ("round-2", 7, 0)
     for t in label_studio.tasks(project):
         assert "round-2" in t["prediction_versions"], t
+
+    # its correction goes into the next round: the rounds worker fetches the upload with the key the job carries
+    task_id = uploaded[0]["id"]
+    ls.annotations.create(
+        id=task_id,
+        result=[
+            {
+                "from_name": "events",
+                "to_name": "video",
+                "type": "timelinelabels",
+                "value": {"ranges": [{"start": 2, "end": 12}], "timelinelabels": ["hand"]},
+            }
+        ],
+    )
+    ml = list(ls.ml.list(project=project))[0]
+    ls.ml.train(id=ml.id)
+    _wait("a second round submitted", lambda: len(_events(backend, "ROUND_SUBMITTED")) == 2, timeout=60)
+    store = backend["store"]
+    _wait("round-3 served", lambda: store.read()["serving"] == "round-3", timeout=240, poll=1.0)
+    snapshot = store.read()["versions"]["round-3"]["snapshot"]
+    frozen = json.loads((store.root / "snapshots" / f"{snapshot}.json").read_text())
+    assert task_id in {v["source_ids"]["task"] for v in frozen["videos"]} and len(frozen["videos"]) == 7
+    assert (
+        TOKEN not in json.dumps(frozen) and TOKEN not in (backend["state"] / "corrections.jsonl").read_text()
+    )

@@ -134,10 +134,13 @@ def finetune(self, snapshot: dict, settings: dict, store_root: str | None = None
         else:
             log.info("round %s: %s", stage, info)
 
+    pulled = snapshot.get("labelstudio")
+    if pulled and pulled.get("url") and pulled.get("api_key"):  # uploads are fetched with Label Studio's key
+        from workers.media import register_key
+
+        register_key(pulled["url"], pulled["api_key"])
     snap = (
-        snapshot_from_labelstudio(snapshot["labelstudio"])
-        if "labelstudio" in snapshot
-        else Snapshot.model_validate(snapshot)
+        snapshot_from_labelstudio(pulled) if "labelstudio" in snapshot else Snapshot.model_validate(snapshot)
     )
     log.info("round on snapshot %s: %d videos from %s", snap.id, len(snap.videos), snap.sources)
     result = run_round(ModelStore(store_root), snap, RoundSettings.from_dict(settings), report)
