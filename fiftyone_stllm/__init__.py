@@ -83,6 +83,14 @@ class _PoolOperator(foo.Operator):
         return not _pool_configured()  # without a pool the work itself runs: never in the immediate window
 
 
+def _form_labels(ctx) -> list[str]:
+    """The event labels typed in the form, else the classes of the chosen field."""
+    labels = list(ctx.params.get("labels") or [])
+    if not labels and ctx.params.get("labels_from_field"):
+        labels = ctx.dataset.distinct(f"{ctx.params['labels_from_field']}.detections.label")
+    return labels
+
+
 class PrelabelEvents(_PoolOperator):
     name = "prelabel_events"
     label = "ST-LLM: pre-label events"
@@ -98,10 +106,7 @@ class PrelabelEvents(_PoolOperator):
             )
             if fields:
                 inputs.enum("labels_from_field", fields, label="...or the classes of this field")
-            labels = list(ctx.params.get("labels") or [])
-            if not labels and ctx.params.get("labels_from_field"):
-                labels = ctx.dataset.distinct(f"{ctx.params['labels_from_field']}.detections.label")
-            if not labels:
+            if not _form_labels(ctx):
                 inputs.str(
                     "labels_check", invalid=True, required=True, error_message="give at least one event label"
                 )
@@ -126,9 +131,7 @@ class PrelabelEvents(_PoolOperator):
         from workers.schemas import PrelabelSettings
         from workers.sinks import FiftyOneSink
 
-        labels = list(ctx.params.get("labels") or [])
-        if not labels and ctx.params.get("labels_from_field"):
-            labels = ctx.dataset.distinct(f"{ctx.params['labels_from_field']}.detections.label")
+        labels = _form_labels(ctx)
         field = ctx.params.get("output_field", FIELD_DEFAULT)
         threshold = ctx.params.get("threshold", 0.5)
         settings = PrelabelSettings(

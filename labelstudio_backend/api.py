@@ -7,6 +7,7 @@ the SDK exchanges the latter for short-lived access tokens). The SDK is imported
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ log = logging.getLogger("stllm.labelstudio")
 
 class LabelStudioError(RuntimeError):
     """Label Studio could not be reached, or refused what was asked; the message says which call."""
+
+
+@functools.lru_cache(maxsize=16)
+def _label_interface(label_config: str):
+    """The SDK's parsed view of a label config (parsed once per config, not once per prediction)."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    return LabelInterface(label_config)
 
 
 @dataclass
@@ -85,9 +94,7 @@ class LabelStudioAPI:
 
         Label Studio itself accepts predictions that do not match the config (and then silently does not show
         them), so a prediction that fails validation raises LabelStudioError and is not pushed."""
-        from label_studio_sdk.label_interface import LabelInterface
-
-        if not LabelInterface(label_config).validate_prediction(prediction):
+        if not _label_interface(label_config).validate_prediction(prediction):
             raise LabelStudioError(f"task {task}: the prediction does not match the project's label config")
         created = self._call(
             f"creating a prediction on task {task}",

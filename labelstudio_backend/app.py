@@ -132,13 +132,6 @@ def _json_body() -> dict:
     return body
 
 
-def _task_video(task: dict, config, settings: BackendSettings) -> str:
-    url = (task.get("data") or {}).get(config.video_key, "")
-    return media_source(
-        url, task["id"], settings.document_root, settings.connection()[0], settings.allowed_hosts
-    )
-
-
 def enqueue_prelabel(
     tasks: list[dict], label_config: str, settings: BackendSettings, run_here=None
 ) -> tuple[str | None, list[dict]]:
@@ -153,15 +146,18 @@ def enqueue_prelabel(
     from workers.sinks import LabelStudioSink
 
     config = parse_label_config(label_config)
+    url, key = settings.connection()
     videos, skipped = {}, []
     for t in tasks:
         try:
-            videos[_task_video(t, config, settings)] = t["id"]
+            source = (t.get("data") or {}).get(config.video_key, "")
+            videos[media_source(source, t["id"], settings.document_root, url, settings.allowed_hosts)] = t[
+                "id"
+            ]
         except MediaError as e:
             skipped.append({"task": t["id"], "reason": str(e)})
     if not videos:
         return None, skipped
-    url, key = settings.connection()
     key = key if settings.send_key else None  # workers then use their own LABEL_STUDIO_API_KEY
     sink = LabelStudioSink(str(settings.state / "predictions.jsonl"), label_config, videos, url, key)
 

@@ -186,6 +186,27 @@ def backend(label_studio, media, store, pool, tmp_path_factory):
         proc.wait(30)
 
 
+def _stllm(backend, *args) -> subprocess.CompletedProcess:
+    """The `stllm` command with the backend's environment (Label Studio URL and key, broker, store)."""
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *map(str, args)],
+        env=backend["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _region(start: int, end: int, label: str) -> dict:
+    """An annotator's timeline region on the project's video (frames at its frameRate)."""
+    return {
+        "from_name": "events",
+        "to_name": "video",
+        "type": "timelinelabels",
+        "value": {"ranges": [{"start": start, "end": end}], "timelinelabels": [label]},
+    }
+
+
 def _events(backend, action: str) -> list[dict]:
     path = backend["state"] / "corrections.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -202,22 +223,10 @@ def test_label_studio_end_to_end(label_studio, backend, store, media):
     tasks = _wait("6 imported tasks", lambda: (t := api.tasks(project)) and len(t) == 6 and t, timeout=60)
 
     # connect with basic auth: Label Studio calls /health and /setup; its webhook gets the header too
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "labelstudio",
-            "connect",
-            "--project",
-            str(project),
-            "--backend-url",
-            backend["url"],
-        ],
-        env=backend["env"],
-        check=True,
-        timeout=60,
+    connected = _stllm(
+        backend, "labelstudio", "connect", "--project", project, "--backend-url", backend["url"]
     )
+    assert connected.returncode == 0, connected.stderr
     ml = [m for m in ls.ml.list(project=project)][0]
     assert ml.state == "CO" and ml.model_version == "base", (ml.state, ml.error_message)
     hook = [h for h in ls.webhooks.list(project=str(project)) if h.url.endswith("/webhook")][0]
@@ -251,13 +260,7 @@ def test_label_studio_end_to_end(label_studio, backend, store, media):
                 )
 
     # `stllm labelstudio prelabel` finds nothing left to do for the served version
-    out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "labelstudio", "prelabel", "--project", str(project)],
-        env=backend["env"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _stllm(backend, "labelstudio", "prelabel", "--project", project)
     assert out.returncode == 0 and "0 without a prediction from base" in out.stderr, out.stderr
 
     # annotators correct the pre-labels: each annotation reaches the webhook, recorded with its prediction
@@ -266,14 +269,7 @@ def test_label_studio_end_to_end(label_studio, backend, store, media):
         ls.annotations.create(
             id=t["id"],
             parent_prediction=pred.id,
-            result=[
-                {
-                    "from_name": "events",
-                    "to_name": "video",
-                    "type": "timelinelabels",
-                    "value": {"ranges": [{"start": 5, "end": 20}], "timelinelabels": ["jam"]},
-                }
-            ],
+            result=[_region(5, 20, "jam")],
         )
     recorded = _wait("6 recorded annotations", lambda: len(_events(backend, "ANNOTATION_CREATED")) == 6, 30)
     assert recorded
@@ -306,13 +302,8 @@ def test_label_studio_end_to_end(label_studio, backend, store, media):
 def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend, store):
     """`stllm round start --from-labelstudio PROJECT` through the pool: the same corrections, a new round."""
     project = [p.id for p in label_studio.client.projects.list() if p.title == "line QA"][0]
-    out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "round", "start", "--from-labelstudio", str(project)]
-        + ["--steps", "2", "--batch-size", "2", "--force"],
-        env=backend["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _stllm(
+        backend, "round", "start", "--from-labelstudio", project, "--steps", 2, "--batch-size", 2, "--force"
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -340,13 +331,7 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     tasks = label_studio.tasks(project)
     uploaded = [t for t in tasks if t["data"]["video"].startswith("/data/upload/")]
     assert len(tasks) == 7 and len(uploaded) == 1
-    out = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "labelstudio", "prelabel", "--project", str(project)],
-        env=backend["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _stllm(backend, "labelstudio", "prelabel", "--project", project)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert (summary["version"], summary["done"], summary["failed"]) == ("round-2", 7, 0)
@@ -355,17 +340,7 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
 
     # its correction goes into the next round: the rounds worker fetches the upload with the key the job carries
     task_id = uploaded[0]["id"]
-    ls.annotations.create(
-        id=task_id,
-        result=[
-            {
-                "from_name": "events",
-                "to_name": "video",
-                "type": "timelinelabels",
-                "value": {"ranges": [{"start": 2, "end": 12}], "timelinelabels": ["hand"]},
-            }
-        ],
-    )
+    ls.annotations.create(id=task_id, result=[_region(2, 12, "hand")])
     ml = list(ls.ml.list(project=project))[0]
     ls.ml.train(id=ml.id)
     _wait("a second round submitted", lambda: len(_events(backend, "ROUND_SUBMITTED")) == 2, timeout=60)

@@ -210,6 +210,7 @@ class LabelStudioSink:
     ):
         self.cache, self.config, self.tasks = JsonlSink(path), config, tasks
         self.url, self.api_key = url, api_key
+        self._api = None  # one Label Studio client for all of a job's pushes
 
     def describe(self) -> dict:
         return {
@@ -247,7 +248,9 @@ class LabelStudioSink:
         from labelstudio_backend.api import LabelStudioAPI, LabelStudioError
 
         try:
-            api = LabelStudioAPI.from_env(self.url, self.api_key)
+            if self._api is None:
+                self._api = LabelStudioAPI.from_env(self.url, self.api_key)
+            api = self._api
             if prediction["model_version"] in api.prediction_versions(task):
                 return {"pushed": "already there"}
             if warning:  # flagged before the prediction shows, so nobody sees it unflagged

@@ -256,9 +256,9 @@ def convert_stllm(
     except KeyError as e:
         raise ConversionError(f"the checkpoint lacks {e}, needed to read the architecture") from e
 
-    with torch.device("meta"):
-        skeleton = InstructBlipVideoForConditionalGeneration(config)
-    expected = {k: v.shape for k, v in skeleton.state_dict().items()}
+    with torch.device("meta"):  # no random initialisation of billions of weights only to overwrite them
+        model = InstructBlipVideoForConditionalGeneration(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(hf))
     extra = sorted(set(hf) - set(expected))
     wrong = sorted(k for k in set(expected) & set(hf) if tuple(hf[k].shape) != tuple(expected[k]))
@@ -271,8 +271,6 @@ def convert_stllm(
                 if names
             )
         )
-    with torch.device("meta"):  # no random initialisation of billions of weights only to overwrite them
-        model = InstructBlipVideoForConditionalGeneration(config)
     model.load_state_dict(hf, strict=True, assign=True)
 
     adapter, adapter_cfg = None, None
