@@ -68,16 +68,18 @@ SMOKE = {
     | {"image_size": 64, "patch_size": 16},
     "scale_factor": 2,
 }
+LABELS = ["jam", "hand", "defect", "part_passing", "empty_line"]
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def build(values: dict, directory: Path) -> dict:
     from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 
-    from workers.stllm.tiny import byte_tokenizer
+    from workers.schemas import parse_labels
+    from workers.stllm.tiny import word_tokenizer
 
     torch.manual_seed(0)
-    tok = byte_tokenizer()
+    tok = word_tokenizer([label.question() for label in parse_labels(LABELS)])
     text = LlamaConfig(
         **values["text"],
         bos_token_id=tok.bos_token_id,
@@ -150,7 +152,7 @@ def main() -> None:
         for r in generate_dataset(work / "v", n_videos, seed=1, duration=duration, width=320, height=240)
     ]
     print(f"generated {n_videos} x {duration:.0f} s videos in {time.perf_counter() - t:.0f} s")
-    labels = parse_labels(["jam", "hand", "defect", "part_passing", "empty_line"])
+    labels = parse_labels(LABELS)
     settings = PrelabelSettings(frames_per_window=8, window_batch=32)
 
     peak = gemm_peak(device)

@@ -64,8 +64,11 @@ def main() -> None:
     from workers.jobs import decode_side, decode_windows, window_probabilities
     from workers.linevideo import generate_dataset
     from workers.schemas import PrelabelSettings, parse_labels
-    from workers.stllm.io import build_model
+    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.io import build_model, keep_freed_memory
 
+    register_flop_counts()  # the fused CPU kernels' FLOPs, counted as the linear layers they replace
+    keep_freed_memory()  # as the engine runs (build_model does this too): the peak under the same allocator
     threads = torch.get_num_threads()
     peaks = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

@@ -51,16 +51,11 @@ def build(directory: Path, image_size: int = 128) -> int:
     )
 
     from workers.schemas import parse_labels
-    from workers.stllm.tiny import byte_tokenizer
+    from workers.stllm.tiny import word_tokenizer
 
     torch.manual_seed(0)
-    tok = byte_tokenizer()
+    tok = word_tokenizer([label.question() for label in parse_labels(LABELS)])
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<end_of_utterance>"]})
-    tok.add_tokens(["yes", "no"])  # single tokens, as in real vocabularies
-    # whole words as tokens too, so a question is about as many tokens as a real BPE makes of it (the bytes
-    # alone would make it 3-4x longer and the comparison about text rather than video)
-    words = {w for label in parse_labels(LABELS) for w in label.question().replace("?", " ?").split()}
-    tok.add_tokens(sorted(words))
     tok.chat_template = CHAT_TEMPLATE
     text = LlamaConfig(
         vocab_size=len(tok),

@@ -172,3 +172,60 @@ def test_smolvlm2_backbone_encodes_frames_through_its_connector(tmp_path):
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+def test_fused_cpu_kernels_match_the_eager_bf16_path_and_keep_parameters(tmp_path, monkeypatch):
+    """inference_weights() on a CPU switches linear layers and MLPs to oneDNN's fused kernels; the scores
+    match the eager bf16 path to bf16 rounding and the parameters (names, values) do not change."""
+    import pytest
+
+    from workers.stllm.fused import FusedLinear, fusion_available
+    from workers.stllm.tiny import tiny_smolvlm
+
+    if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this torch build has no oneDNN fused linear kernel")
+    spec = tiny_smolvlm(tmp_path / "smol")
+    frames = torch.randint(0, 255, (6, 48, 80, 3), dtype=torch.uint8)
+    questions, candidates = ["Is there a jam?", "Is a hand in view?"], ["yes", "no"]
+
+    def scores(fused: bool):
+        monkeypatch.setenv("STLLM_FUSED_LINEAR", "1" if fused else "0")
+        model = build_model(spec, device="cpu", dtype="bf16").eval().inference_weights()
+        feats = model.frame_features(frames)
+        video = model.video_tokens(
+            feats[:4].view(2, 2, *feats.shape[1:]), feats.unsqueeze(0).expand(2, -1, -1, -1)
+        )
+        return model, model.score(video, questions, candidates)
+
+    eager_model, eager = scores(False)
+    fused_model, fused = scores(True)
+    assert not any(isinstance(m, FusedLinear) for m in eager_model.modules())
+    assert sum(isinstance(m, FusedLinear) for m in fused_model.modules()) > 0
+    assert "forward" in vars(fused_model.backbone.vision.encoder.layers[0].mlp)  # GELU inside fc1
+    assert "forward" in vars(
+        fused_model.backbone.decoder.layers[0].mlp
+    )  # SiLU and the gate inside the products
+    torch.testing.assert_close(fused, eager, atol=0.05, rtol=0)
+    eager_state, fused_state = eager_model.state_dict(), fused_model.state_dict()
+    assert eager_state.keys() == fused_state.keys()
+    assert all(torch.equal(eager_state[k], fused_state[k]) for k in eager_state)
+
+
+def test_fused_linear_falls_back_to_eager_for_autograd_and_fp32():
+    from workers.stllm.fused import FusedLinear
+
+    layer = torch.nn.Linear(8, 4)
+    layer.__class__ = FusedLinear  # fp32 weights that need gradients: the eager path, gradients flow
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_one_videos_global_frames_are_pooled_once_for_all_its_windows(tiny_model):
+    feats = torch.randn(3, 5, 4, tiny_model.backbone._vision_dim())
+    with torch.no_grad():
+        torch.nn.init.normal_(tiny_model.fusion.up.weight)  # a global part that changes the tokens
+        shared = tiny_model.video_tokens(feats[:, :2], feats[:1].expand(3, -1, -1, -1))
+        separate = tiny_model.video_tokens(feats[:, :2], feats[:1].repeat(3, 1, 1, 1))
+    torch.testing.assert_close(shared, separate)

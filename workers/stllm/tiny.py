@@ -27,6 +27,16 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def word_tokenizer(texts: list[str]):
+    """:func:`byte_tokenizer` plus "yes", "no" and every word of ``texts`` as single tokens, so prompts made
+    of those words are about as many tokens as a real BPE vocabulary makes of them (bytes alone make them
+    3-4x longer, and benchmarks would measure text rather than video)."""
+    tok = byte_tokenizer()
+    tok.add_tokens(["yes", "no"])
+    tok.add_tokens(sorted({w for text in texts for w in text.replace("?", " ?").split()}))
+    return tok
+
+
 def _tiny_llama_config(tokenizer, hidden: int = 64, layers: int = 2):
     from transformers import LlamaConfig
 

@@ -1,0 +1,145 @@
+"""Fused linear layers for bf16 inference on CPUs with bf16 matrix units.
+
+In eager PyTorch a linear layer with a bias is two passes over its output (``addmm`` first copies the bias
+into it), and an MLP's activation and gating are more passes over an intermediate 4x the model width. On a
+CPU worker those passes are memory-bound and cost as much as the matrix products themselves. oneDNN can
+apply the bias, GELU, SiLU and an element-wise product to the product's output while it is still in
+cache (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile uses on CPUs). :func:`fuse_linear_layers`
+switches a model's layers to it in place:
+
+- every plain ``nn.Linear``: bias inside the product;
+- MLPs ``fc2(act(fc1(x)))`` with a GELU (ViT/SigLIP vision towers): GELU inside ``fc1``;
+- gated MLPs ``down(silu(gate(x)) * up(x))`` (Llama family decoders): SiLU inside ``gate``, the product
+  with it inside ``up``.
+
+Parameters, their names and ``state_dict`` do not change, and a layer falls back to the eager path for
+anything else (fp32 inputs, autograd, another device), so training code is unaffected. Outputs match the
+eager bf16 path to bf16 rounding (tests/test_engine.py checks log-probabilities).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# activation classes (by name: torch's and transformers') -> oneDNN's post-op and its algorithm
+_GELU = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation": "tanh", "GELUActivation": "none"}
+_SILU = {"SiLU", "SiLUActivation"}
+
+
+def fusion_available(weight: torch.Tensor) -> bool:
+    """True where oneDNN's fused linear kernel can run ``weight``: a bf16 CPU tensor on a build with oneDNN.
+    ``STLLM_FUSED_LINEAR=0`` turns fusion off."""
+    return (
+        os.environ.get("STLLM_FUSED_LINEAR", "1") != "0"
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _fusable(x: torch.Tensor, layer: nn.Linear) -> bool:
+    return (
+        x.dtype == layer.weight.dtype
+        and x.device.type == "cpu"
+        and x.numel() > 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
+    )
+
+
+def _pointwise(x: torch.Tensor, layer: nn.Linear, attr: str = "none", algorithm: str = "") -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat, layer.weight, layer.bias, attr, [], algorithm)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _product(x: torch.Tensor, other: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """layer(x) * other, the product taken inside the matrix product's output."""
+    flat = x.reshape(-1, x.shape[-1])
+    other = other.reshape(flat.shape[0], -1)
+    out = torch.ops.mkldnn._linear_pointwise.binary(flat, other, layer.weight, layer.bias, "mul")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class FusedLinear(nn.Linear):
+    """``nn.Linear`` whose bias is added inside oneDNN's product (same parameters; eager fallback)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fusable(x, self):
+            return _pointwise(x, self)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _gelu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if _fusable(x, self.fc1):
+        return self.fc2(_pointwise(x, self.fc1, "gelu", _GELU[type(self.activation_fn).__name__]))
+    return self.fc2(self.activation_fn(self.fc1(x)))
+
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if _fusable(x, self.gate_proj) and _fusable(x, self.up_proj):
+        gate = _pointwise(x, self.gate_proj, "swish")
+        return self.down_proj(_product(x, gate, self.up_proj))
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _is_plain_linear(module: object) -> bool:
+    return type(module) in (nn.Linear, FusedLinear)
+
+
+def fuse_linear_layers(model: nn.Module) -> int:
+    """Switch ``model``'s linear layers and MLPs to the fused kernels, in place. Returns how many modules
+    changed (0 where :func:`fusion_available` is false for the model's weights)."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and fusion_available(module.weight):
+            module.__class__ = FusedLinear
+            changed += 1
+        names = {n for n, _ in module.named_children()}
+        if {"fc1", "fc2", "activation_fn"} <= names and _is_plain_linear(module.fc1):
+            if type(module.activation_fn).__name__ in _GELU and fusion_available(module.fc1.weight):
+                module.forward = types.MethodType(_gelu_mlp_forward, module)
+                changed += 1
+        if {"gate_proj", "up_proj", "down_proj", "act_fn"} <= names and type(module.act_fn).__name__ in _SILU:
+            if all(
+                _is_plain_linear(getattr(module, n)) for n in ("gate_proj", "up_proj")
+            ) and fusion_available(module.gate_proj.weight):
+                module.forward = types.MethodType(_gated_mlp_forward, module)
+                changed += 1
+    if changed:
+        log.debug("fused %d linear layers and MLPs for CPU inference", changed)
+    return changed
+
+
+def register_flop_counts() -> None:
+    """Teach ``torch.utils.flop_counter.FlopCounterMode`` the CPU kernels it misses, so FLOP counts
+    (bench/mfu.py) include them: the fused linear layers (2 x M x K x N, as the layers they replace) and
+    CPU flash attention (torch's count for attention, halved when causal). Safe to call more than once."""
+    from torch.utils import flop_counter
+
+    linear = torch.ops.mkldnn._linear_pointwise  # both overloads (default and binary)
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if linear not in flop_counter.flop_registry:
+
+        def linear_flops(x_shape, *_args, out_shape=None, **_kwargs) -> int:
+            rows = 1
+            for d in x_shape[:-1]:
+                rows *= d
+            return 2 * rows * x_shape[-1] * out_shape[-1]
+
+        flop_counter.register_flop_formula(linear)(linear_flops)
+    if attention not in flop_counter.flop_registry:
+
+        def attention_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, **_kwargs) -> int:
+            full = flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+            return full // 2 if is_causal else full
+
+        flop_counter.register_flop_formula(attention)(attention_flops)
