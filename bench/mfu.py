@@ -70,14 +70,14 @@ def main() -> None:
     register_flop_counts()  # the fused CPU kernels' FLOPs, counted as the linear layers they replace
     keep_freed_memory()  # as the engine runs (build_model does this too): the peak under the same allocator
     threads = torch.get_num_threads()
-    peaks = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        peaks[name] = gemm_peak(dtype, 2048, 2048, 2048)
-        small = gemm_peak(dtype, 512, 576, 1536)
-        print(
-            f"GEMM peak, {threads} threads, {name}: {peaks[name]:.0f} GFLOP/s at 2048^3; "
-            f"{small:.0f} GFLOP/s at 512x576x1536 (SmolLM2-135M's MLP)"
-        )
+
+    def measure_peaks() -> dict[str, float]:
+        peaks = {}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            peaks[name] = max(gemm_peak(dtype, 2048, 2048, 2048), gemm_peak(dtype, 512, 576, 1536))
+        return peaks
+
+    peaks = measure_peaks()
 
     spec = args.model
     if args.model == "smolvlm2-256m-shaped":
@@ -119,8 +119,19 @@ def main() -> None:
         f"decoded, {len(d.window_index)} windows x {s.frames_per_window} frames, {len(questions)} labels, "
         f"batches of {s.window_batch} windows"
     )
+    parts = []
     for name, fn in (("vision encoder", vision), ("LLM prefill + scoring", llm), ("whole pre-label", whole)):
-        flops, seconds = counted(fn), timed(fn, args.repeat)
+        parts.append((name, counted(fn), timed(fn, args.repeat)))
+    # the peak measured again after the engine ran, the best of both kept: a shared machine's slow moment
+    # lowers a peak as much as a run, and a low peak would flatter the MFU
+    after = measure_peaks()
+    peaks = {k: max(v, after[k]) for k, v in peaks.items()}
+    for name in peaks:
+        print(
+            f"GEMM peak, {threads} threads, {name}: {peaks[name]:.0f} GFLOP/s "
+            f"(best of 2048^3 and 512x576x1536, SmolLM2-135M's MLP, before and after the engine ran)"
+        )
+    for name, flops, seconds in parts:
         achieved = flops / seconds / 1e9
         print(
             f"  {name:<22} {flops / 1e9:8.1f} GFLOP in {seconds * 1000:7.1f} ms = {achieved:6.0f} GFLOP/s "

@@ -34,7 +34,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="stllm-bench-"))
     records = generate_dataset(work / "v60", args.videos, seed=500, duration=60.0)
     paths = [r["video"] for r in records]
-    model = load_model("builtin", dtype=args.dtype)
+    model = load_model("builtin", dtype=args.dtype).inference_weights()  # as workers serve it
     labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
     s = PrelabelSettings()
     print(

@@ -224,6 +224,12 @@ def main() -> None:
         f"(max |P(yes) difference| {np.abs(p_ours - p_stock).max():.2e}); bf16 {100 * agree_bf16:.1f}% "
         f"(max {np.abs(p_bf16 - p_stock).max():.2e})"
     )
+    flipped = (p_bf16 > 0.5) != (p_stock > 0.5)
+    if flipped.any():
+        print(
+            f"bf16's {flipped.sum()} flipped decisions all have the stock path's P(yes) within "
+            f"{np.abs(p_stock[flipped] - 0.5).max():.3f} of 0.5"
+        )
     print("\ncommand: .venv/bin/python bench/stock_path.py")
 
 

@@ -229,3 +229,36 @@ def test_one_videos_global_frames_are_pooled_once_for_all_its_windows(tiny_model
         shared = tiny_model.video_tokens(feats[:, :2], feats[:1].expand(3, -1, -1, -1))
         separate = tiny_model.video_tokens(feats[:, :2], feats[:1].repeat(3, 1, 1, 1))
     torch.testing.assert_close(shared, separate)
+
+
+def test_cpu_models_reuse_freed_memory_instead_of_faulting_it_in_again():
+    """build_model on a CPU keeps freed blocks in the process (keep_freed_memory): a 64 MB activation
+    allocated again and again is not faulted in from the kernel every time."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import resource, torch\n"
+        "from workers.stllm.io import keep_freed_memory\n"
+        "print(keep_freed_memory())\n"
+        "for _ in range(5):\n"
+        "    torch.ones(1 << 24)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(40):\n"
+        "    torch.ones(1 << 24)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+
+    def faults(keep: str) -> tuple[str, int]:
+        env = {**__import__("os").environ, "STLLM_KEEP_FREED_MEMORY": keep}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+        )
+        tuned, count = out.stdout.split()
+        return tuned, int(count)
+
+    tuned, kept = faults("1")
+    untuned, returned = faults("0")
+    assert (tuned, untuned) == ("True", "False")
+    assert returned >= 40 * 16_000  # 64 MB is 16k pages, faulted in again on every allocation
+    assert kept < returned / 8  # faulted in a few times while the heap settles, then reused
