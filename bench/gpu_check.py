@@ -97,6 +97,21 @@ def build(values: dict, directory: Path) -> dict:
     return {"kind": "smolvlm2", "model": str(directory)}
 
 
+def attention_flops(q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """FLOPs of attention with grouped K/V heads (torch's own count asserts equal heads): QK^T and PV over
+    every query head, not discounted for causal masks (torch's convention)."""
+    b, heads, q_len, d = q_shape
+    return 2 * b * heads * q_len * k_shape[-2] * (d + v_shape[-1])
+
+
+ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention: attention_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention: attention_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention: attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
+}
+
+
 def gemm_peak(device: str) -> float:
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -183,7 +198,7 @@ def main() -> None:
         decode_side(model),
     )
     questions = [x.question() for x in labels]
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
         window_probabilities(model, d, questions, settings.window_batch)
     sync(device)
     t = time.perf_counter()
