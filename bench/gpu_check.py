@@ -137,6 +137,10 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=None, help="default 16 (GPU) or 2 (smoke)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per video")
     ap.add_argument("--steps", type=int, default=10, help="training steps")
+    ap.add_argument("--window-batch", type=int, default=32, help="windows per LLM batch (across videos)")
+    ap.add_argument(
+        "--sweep", action="store_true", help="also time pre-labeling at window batches of 32, 64 and 128"
+    )
     args = ap.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
@@ -144,7 +148,7 @@ def main() -> None:
         args.smoke = True
     n_videos = args.videos or (2 if args.smoke else 16)
     duration = 10.0 if args.smoke else args.duration
-    from workers.jobs import decode_side, decode_windows, prelabel_videos, window_probabilities
+    from workers.jobs import decode_side, decode_windows, prelabel_videos, window_probabilities_many
     from workers.linevideo import generate_dataset
     from workers.schemas import PrelabelSettings, parse_labels
     from workers.stllm.io import build_model
@@ -168,7 +172,7 @@ def main() -> None:
     ]
     print(f"generated {n_videos} x {duration:.0f} s videos in {time.perf_counter() - t:.0f} s")
     labels = parse_labels(LABELS)
-    settings = PrelabelSettings(frames_per_window=8, window_batch=32)
+    settings = PrelabelSettings(frames_per_window=8, window_batch=args.window_batch)
 
     peak = gemm_peak(device)
     sheet = next((v for key, v in DATASHEET_BF16_TFLOPS.items() if key in name), None)
@@ -187,32 +191,59 @@ def main() -> None:
     assert not failed, failed
     print(
         f"pre-label: {windows} windows of {settings.frames_per_window} frames, {len(labels)} labels, in {seconds:.1f} s: "
-        f"{windows / seconds:.1f} windows/s, {n_videos * duration / 60 / (seconds / 60):.0f} video-minutes per GPU-minute"
+        f"{windows / seconds:.1f} windows/s, {n_videos * duration / 60 / (seconds / 60):.0f} video-minutes per GPU-minute "
+        f"(batches of {settings.window_batch} windows)"
     )
-    d = decode_windows(
-        videos[0],
-        settings.window_s,
-        settings.stride_s,
-        settings.frames_per_window,
-        settings.global_frames,
-        decode_side(model),
-    )
+    if args.sweep:
+        n_sweep = min(8, n_videos)
+        for batch in (32, 64, 128):
+            swept = settings.model_copy(update={"window_batch": batch})
+            sync(device)
+            t = time.perf_counter()
+            prelabel_videos(model, videos[:n_sweep], labels, swept)
+            sync(device)
+            sec = time.perf_counter() - t
+            print(
+                f"  sweep: {n_sweep} videos, batches of {batch} windows: {sec:.1f} s, "
+                f"{n_sweep * duration / sec:.0f} video-minutes per GPU-minute"
+            )
+    n_mfu = min(4, n_videos)
+    ds = [
+        decode_windows(
+            v,
+            settings.window_s,
+            settings.stride_s,
+            settings.frames_per_window,
+            settings.global_frames,
+            decode_side(model),
+        )
+        for v in videos[:n_mfu]
+    ]
     questions = [x.question() for x in labels]
     with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
-        window_probabilities(model, d, questions, settings.window_batch)
+        window_probabilities_many(model, ds, questions, settings.window_batch)
     sync(device)
     t = time.perf_counter()
-    window_probabilities(model, d, questions, settings.window_batch)
+    window_probabilities_many(model, ds, questions, settings.window_batch)
     sync(device)
     one = time.perf_counter() - t
     flops = counter.get_total_flops()
     head = len(model.text_ids(model.prompt_head))
     q_tokens = sum(len(model.question_ids(q)) for q in questions)
-    tokens = len(d.window_index) * (head + settings.frames_per_window * k + q_tokens)
+    tokens = sum(len(d.window_index) for d in ds) * (head + settings.frames_per_window * k + q_tokens)
     print(
-        f"one video's windows (compute only, decoded beforehand): {one * 1000:.0f} ms, {tokens / one:,.0f} LLM tokens/s, "
+        f"{n_mfu} videos' windows (compute only, decoded beforehand): {one * 1000:.0f} ms, {tokens / one:,.0f} LLM tokens/s, "
         f"{flops / one / 1e12:.1f} TFLOP/s = MFU {100 * flops / one / 1e12 / peak:.0f}% of the measured peak"
         + (f", {100 * flops / one / 1e12 / sheet:.0f}% of the datasheet's" if sheet else "")
+    )
+    sync(device)
+    t = time.perf_counter()
+    for d in ds:
+        model.frame_features(d.frames)
+    sync(device)
+    vision = time.perf_counter() - t
+    print(
+        f"  of which frames -> encoder features: {vision * 1000:.0f} ms ({sum(len(d.frames) for d in ds)} frames)"
     )
     if device == "cuda":
         print(f"peak memory, inference: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -223,7 +254,7 @@ def main() -> None:
     train_model.train()
     opt = torch.optim.AdamW([p for p in train_model.parameters() if p.requires_grad], lr=1e-4)
     batch = 4
-    frames = model.frame_features(d.frames[:64]).to(device)
+    frames = model.frame_features(ds[0].frames[:64]).to(device)
     feats = frames[:16].unsqueeze(0).expand(batch, -1, -1, -1)
     gfeats = frames.unsqueeze(0).expand(batch, -1, -1, -1)
     prompt = train_model.question_ids(questions[0])

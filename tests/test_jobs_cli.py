@@ -61,6 +61,38 @@ def test_window_probabilities_do_not_depend_on_batching(tiny_model, videos):
         assert a.window_probs[label] == pytest.approx(b.window_probs[label], abs=1e-4)
 
 
+def test_windows_of_several_videos_batched_together_score_as_each_alone(tiny_model, videos):
+    good, _ = videos
+    together = prelabel_videos(tiny_model, good, LABELS, PrelabelSettings(window_batch=64))
+    alone = [prelabel_videos(tiny_model, [v], LABELS, PrelabelSettings(window_batch=1))[0] for v in good]
+    for a, b in zip(together, alone, strict=True):
+        assert a.video == b.video and a.windows == b.windows
+        for label in a.window_probs:
+            assert a.window_probs[label] == pytest.approx(b.window_probs[label], abs=1e-4)
+
+
+def test_a_video_that_breaks_the_model_in_a_batched_group_fails_alone(tiny_model, videos, monkeypatch):
+    import workers.jobs as jobs
+
+    good, _ = videos
+    decode = jobs.decode_windows
+
+    def two_channel_frames(path, *args):
+        d = decode(path, *args)
+        if path == good[1]:  # decodes fine, then the encoder rejects its frames
+            d.frames = d.frames[..., :2]
+        return d
+
+    monkeypatch.setattr(jobs, "decode_windows", two_channel_frames)
+    seen = []
+    results = prelabel_videos(
+        tiny_model, good, LABELS, PrelabelSettings(window_batch=64), progress=seen.append
+    )
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].video == good[1] and results[1].error
+    assert [r.video for r in seen] == good
+
+
 def test_ask_answers_with_p_yes_and_a_moment(tiny_model, videos):
     good, bad = videos
     results = ask_videos(tiny_model, [good[0], bad], "Is the line jammed?", AskSettings(max_new_tokens=4))

@@ -122,17 +122,35 @@ def window_probabilities(
     model: STLLM, decoded: DecodedVideo, questions: Sequence[str], batch: int
 ) -> np.ndarray:
     """P(yes) of each question in each window: (W, Q). Yes/no are normalised against each other."""
-    features = model.frame_features(decoded.frames)  # (N, K, Dv)
-    global_feats = features[decoded.global_index].unsqueeze(0) if len(decoded.global_index) else None
+    return window_probabilities_many(model, [decoded], questions, batch)[0]
+
+
+@torch.inference_mode()
+def window_probabilities_many(
+    model: STLLM, decoded: Sequence[DecodedVideo], questions: Sequence[str], batch: int
+) -> list[np.ndarray]:
+    """:func:`window_probabilities` for several videos, their windows scored together: the LLM sees batches
+    of ``batch`` windows across video boundaries, so short videos still fill a GPU's batch. One (W, Q) array
+    per video, in order."""
+    tokens = []
+    for d in decoded:
+        features = model.frame_features(d.frames)  # (N, K, Dv)
+        g = features[d.global_index].unsqueeze(0) if len(d.global_index) else None
+        for i in range(0, len(d.window_index), batch):
+            idx = d.window_index[i : i + batch]  # (b, F)
+            tokens.append(
+                model.video_tokens(features[idx], g.expand(len(idx), -1, -1, -1) if g is not None else None)
+            )
+    if len({t.shape[1:] for t in tokens}) > 1:  # videos with different token counts: score each on its own
+        return [window_probabilities_many(model, [d], questions, batch)[0] for d in decoded]
+    video = torch.cat(tokens)
     out = []
-    for i in range(0, len(decoded.window_index), batch):
-        idx = decoded.window_index[i : i + batch]  # (b, F)
-        local = features[idx]  # (b, F, K, Dv)
-        g = global_feats.expand(len(idx), -1, -1, -1) if global_feats is not None else None
-        video = model.video_tokens(local, g)
-        logp = model.score(video, list(questions), ["yes", "no"])  # (b, Q, 2)
+    for i in range(0, len(video), batch):
+        logp = model.score(video[i : i + batch], list(questions), ["yes", "no"])  # (b, Q, 2)
         out.append(logp.softmax(-1)[..., 0])
-    return torch.cat(out).numpy()
+    probs = torch.cat(out).numpy()
+    bounds = np.cumsum([0] + [len(d.window_index) for d in decoded])
+    return [probs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def prelabel_videos(
@@ -144,54 +162,100 @@ def prelabel_videos(
 ) -> list[PrelabelResult]:
     """Pre-label events on each video. One result per video, in order; a failed video has ``error`` set.
 
-    ``progress`` is called with each result as soon as it is ready (for progress bars and sinks).
+    Consecutive videos are scored together until they fill ``settings.window_batch`` windows (see
+    :func:`window_probabilities_many`); if such a group fails, its videos are retried one by one, so a bad
+    video still fails alone. ``progress`` is called with each result as soon as it is ready (for progress
+    bars and sinks).
     """
     s = settings or PrelabelSettings()
     questions = [label.question() for label in labels]
-    results = []
+    results: list[PrelabelResult] = []
 
     def decode(path: str) -> DecodedVideo:
         return decode_windows(
             fetch(path), s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
         )
 
-    for path, decoded in prefetch(videos, decode):
-        try:
-            if isinstance(decoded, Exception):
-                raise decoded
-            info = decoded.info
-            probs = window_probabilities(model, decoded, questions, s.window_batch)
-            cores = window_cores(decoded.spans, s.stride_s, info.duration)
-            segments = []
-            for j, label in enumerate(labels):
-                segments += segments_from_probabilities(
-                    label.name,
-                    cores,
-                    probs[:, j],
-                    info.fps,
-                    info.n_frames,
-                    high=s.high,
-                    low=s.low,
-                    smoothing=s.smoothing,
-                    min_duration=s.min_duration_s,
-                )
-            result = PrelabelResult(
-                video=str(path),
-                model_version=model.version,
-                segments=[seg.to_dict() for seg in segments],
-                meta=_meta(info),
-                windows=decoded.spans,
-                window_probs={
-                    label.name: [round(float(p), 5) for p in probs[:, j]] for j, label in enumerate(labels)
-                },
-            )
-        except Exception as e:  # one bad video fails alone, with the file and the reason
-            log.warning("pre-label failed for %s: %s", path, _error_text(e))
-            result = PrelabelResult(video=str(path), model_version=model.version, error=_error_text(e))
+    def emit(result: PrelabelResult) -> None:
         results.append(result)
         if progress:
             progress(result)
+
+    def failed(
+        path: str, e: Exception
+    ) -> PrelabelResult:  # one bad video fails alone, with the file and the reason
+        log.warning("pre-label failed for %s: %s", path, _error_text(e))
+        return PrelabelResult(video=str(path), model_version=model.version, error=_error_text(e))
+
+    def finish(path: str, decoded: DecodedVideo, probs: np.ndarray) -> PrelabelResult:
+        try:
+            return _prelabel_result(model, path, decoded, probs, labels, s)
+        except Exception as e:
+            return failed(path, e)
+
+    group: list[tuple[str, DecodedVideo]] = []
+
+    def flush() -> None:
+        try:
+            all_probs = window_probabilities_many(model, [d for _, d in group], questions, s.window_batch)
+        except Exception:
+            all_probs = None  # retried one by one below
+        for k, (path, decoded) in enumerate(group):
+            if all_probs is not None:
+                emit(finish(path, decoded, all_probs[k]))
+                continue
+            try:
+                emit(finish(path, decoded, window_probabilities(model, decoded, questions, s.window_batch)))
+            except Exception as e:
+                emit(failed(path, e))
+        group.clear()
+
+    for path, decoded in prefetch(videos, decode):
+        if isinstance(decoded, Exception):
+            flush()  # results stay in the order of the videos
+            emit(failed(path, decoded))
+            continue
+        group.append((path, decoded))
+        if sum(len(d.window_index) for _, d in group) >= s.window_batch:
+            flush()
+    flush()
     return results
+
+
+def _prelabel_result(
+    model: STLLM,
+    path: str,
+    decoded: DecodedVideo,
+    probs: np.ndarray,
+    labels: Sequence[EventLabel],
+    s: PrelabelSettings,
+) -> PrelabelResult:
+    """Windows' probabilities -> per-label segments, as one video's result."""
+    info = decoded.info
+    cores = window_cores(decoded.spans, s.stride_s, info.duration)
+    segments = []
+    for j, label in enumerate(labels):
+        segments += segments_from_probabilities(
+            label.name,
+            cores,
+            probs[:, j],
+            info.fps,
+            info.n_frames,
+            high=s.high,
+            low=s.low,
+            smoothing=s.smoothing,
+            min_duration=s.min_duration_s,
+        )
+    return PrelabelResult(
+        video=str(path),
+        model_version=model.version,
+        segments=[seg.to_dict() for seg in segments],
+        meta=_meta(info),
+        windows=decoded.spans,
+        window_probs={
+            label.name: [round(float(p), 5) for p in probs[:, j]] for j, label in enumerate(labels)
+        },
+    )
 
 
 def window_cores(

@@ -190,11 +190,15 @@ class STLLM(nn.Module):
             return self.backbone.vision_features(pixels.to(self.device)).float()
 
     def frame_features(self, frames: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """uint8 frames (T, H, W, 3) -> frozen encoder features (T, K, Dv), encoded ``chunk`` frames at a time."""
+        """uint8 frames (T, H, W, 3) -> frozen encoder features (T, K, Dv), encoded ``chunk`` frames at a time.
+        Frames move to the model's device as uint8 and are resized there (on a GPU, resizing on the CPU
+        took longer than the encoder)."""
         bb = self.backbone
         parts = []
         for i in range(0, frames.shape[0], chunk):
-            pixels = preprocess_frames(frames[i : i + chunk], bb.image_size, bb.image_mean, bb.image_std)
+            pixels = preprocess_frames(
+                frames[i : i + chunk].to(self.device), bb.image_size, bb.image_mean, bb.image_std
+            )
             parts.append(self.vision_features(pixels))
         return torch.cat(parts)
 

@@ -192,7 +192,7 @@ def preprocess_frames(
     train: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> normalised float (T, 3, size, size).
+    """uint8 (T, H, W, 3) -> normalised float (T, 3, size, size), on the frames' device.
 
     Inference resizes the shorter side to ``size`` and centre-crops; training takes one random resized crop
     (scale 0.5-1, the same for all frames of a clip) as ST-LLM does.
@@ -212,6 +212,6 @@ def preprocess_frames(
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, :, top : top + size, left : left + size]
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
