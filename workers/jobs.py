@@ -181,9 +181,8 @@ def prelabel_videos(
         if progress:
             progress(result)
 
-    def failed(
-        path: str, e: Exception
-    ) -> PrelabelResult:  # one bad video fails alone, with the file and the reason
+    def failed(path: str, e: Exception) -> PrelabelResult:
+        """One bad video fails alone, with the file and the reason."""
         log.warning("pre-label failed for %s: %s", path, _error_text(e))
         return PrelabelResult(video=str(path), model_version=model.version, error=_error_text(e))
 
