@@ -161,3 +161,30 @@ def test_cli_help_teaches():
     out = _stllm("--help").stdout
     for word in ("prelabel", "ask", "generate", "evaluate", "demo", "builtin", "examples"):
         assert word in out
+
+
+def test_prefetch_reads_its_items_one_ahead_so_a_generator_can_stop_the_run():
+    from workers.jobs import prefetch
+
+    taken = []
+
+    def items():
+        for i in range(10):
+            taken.append(i)
+            yield i
+
+    run = prefetch(items(), lambda i: i * i)
+    assert next(run) == (0, 0) and taken == [0, 1]  # the next item's work is under way meanwhile
+    assert list(run)[-1] == (9, 81) and taken == list(range(10))
+    assert list(prefetch(iter([]), lambda i: i)) == []
+
+
+def test_ask_encodes_each_videos_frames_once(tiny_model, videos, monkeypatch):
+    good, _ = videos
+    calls = []
+    encode = tiny_model.frame_features
+    monkeypatch.setattr(
+        tiny_model, "frame_features", lambda frames, *a: calls.append(len(frames)) or encode(frames, *a)
+    )
+    r = ask_videos(tiny_model, good[:1], "Is the line jammed?", AskSettings(max_new_tokens=2))[0]
+    assert r.error is None and len(calls) == 1

@@ -79,9 +79,13 @@ def decode_windows(
     )
 
 
+_END = object()
+
+
 def prefetch(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R | Exception]]:
     """Yield (item, fn(item)) in order, computing the next item's fn in a background thread meanwhile.
-    An exception from fn is yielded in place of its result."""
+    An exception from fn is yielded in place of its result. ``items`` is read lazily, one item ahead of
+    what has been yielded, so a generator can stop the run early (a cancelled job)."""
 
     def safe(item: T) -> R | Exception:
         try:
@@ -89,13 +93,16 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R]) -> Iterator[tuple[T, R | 
         except Exception as e:  # handed to the caller, which records it for this item alone
             return e
 
-    items = list(items)
+    it = iter(items)
+    item = next(it, _END)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(safe, items[0]) if items else None
-        for i, item in enumerate(items):
+        pending = pool.submit(safe, item) if item is not _END else None
+        while pending is not None:
             result = pending.result()
-            pending = pool.submit(safe, items[i + 1]) if i + 1 < len(items) else None
+            following = next(it, _END)
+            pending = pool.submit(safe, following) if following is not _END else None
             yield item, result
+            item = following
 
 
 def _meta(info: VideoInfo) -> VideoMeta:
@@ -119,30 +126,45 @@ def decode_side(model: STLLM) -> int:
 
 @torch.inference_mode()
 def window_probabilities(
-    model: STLLM, decoded: DecodedVideo, questions: Sequence[str], batch: int
+    model: STLLM,
+    decoded: DecodedVideo,
+    questions: Sequence[str],
+    batch: int,
+    features: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """P(yes) of each question in each window: (W, Q). Yes/no are normalised against each other."""
-    return window_probabilities_many(model, [decoded], questions, batch)[0]
+    """P(yes) of each question in each window: (W, Q). Yes/no are normalised against each other.
+    ``features``: the frames' encoder features where the caller has them already (not encoded again)."""
+    return window_probabilities_many(model, [decoded], questions, batch, [features])[0]
 
 
 @torch.inference_mode()
 def window_probabilities_many(
-    model: STLLM, decoded: Sequence[DecodedVideo], questions: Sequence[str], batch: int
+    model: STLLM,
+    decoded: Sequence[DecodedVideo],
+    questions: Sequence[str],
+    batch: int,
+    features: Sequence[torch.Tensor | None] | None = None,
 ) -> list[np.ndarray]:
     """:func:`window_probabilities` for several videos, their windows scored together: the LLM sees batches
     of ``batch`` windows across video boundaries, so short videos still fill a GPU's batch. One (W, Q) array
     per video, in order."""
+    features = list(features) if features is not None else [None] * len(decoded)
+    features = [
+        f if f is not None else model.frame_features(d.frames) for d, f in zip(decoded, features, strict=True)
+    ]
     tokens = []
-    for d in decoded:
-        features = model.frame_features(d.frames)  # (N, K, Dv)
-        g = features[d.global_index].unsqueeze(0) if len(d.global_index) else None
+    for d, f in zip(decoded, features, strict=True):  # f: (N, K, Dv)
+        g = f[d.global_index].unsqueeze(0) if len(d.global_index) else None
         for i in range(0, len(d.window_index), batch):
             idx = d.window_index[i : i + batch]  # (b, F)
             tokens.append(
-                model.video_tokens(features[idx], g.expand(len(idx), -1, -1, -1) if g is not None else None)
+                model.video_tokens(f[idx], g.expand(len(idx), -1, -1, -1) if g is not None else None)
             )
     if len({t.shape[1:] for t in tokens}) > 1:  # videos with different token counts: score each on its own
-        return [window_probabilities_many(model, [d], questions, batch)[0] for d in decoded]
+        return [
+            window_probabilities_many(model, [d], questions, batch, [f])[0]
+            for d, f in zip(decoded, features, strict=True)
+        ]
     video = torch.cat(tokens)
     out = []
     for i in range(0, len(video), batch):
@@ -155,7 +177,7 @@ def window_probabilities_many(
 
 def prelabel_videos(
     model: STLLM,
-    videos: Sequence[str],
+    videos: Iterable[str],
     labels: Sequence[EventLabel],
     settings: PrelabelSettings | None = None,
     progress: Callable[[PrelabelResult], None] | None = None,
@@ -277,7 +299,7 @@ def _yes_no_form(question: str) -> str:
 
 def ask_videos(
     model: STLLM,
-    videos: Sequence[str],
+    videos: Iterable[str],
     question: str,
     settings: AskSettings | None = None,
     progress: Callable[[AskResult], None] | None = None,
@@ -315,7 +337,7 @@ def ask_videos(
             p_yes = None
             if is_yes_no_question(question):
                 p_yes = float(model.score(whole, [question], ["yes", "no"]).softmax(-1)[0, 0, 0])
-            probs = window_probabilities(model, decoded, [probe_question], batch=32)[:, 0]
+            probs = window_probabilities(model, decoded, [probe_question], batch=32, features=features)[:, 0]
             best = int(np.argmax(probs))
             start, end = decoded.spans[best]
             first, last = seconds_to_frames(start, end, info.fps, info.n_frames)

@@ -68,17 +68,25 @@ def is_cancelled(job_id: str) -> bool:
 
 
 def _run(task, job_id: str, videos: list[str], sink: dict | None, fn) -> dict:
+    """Run ``fn(videos, progress)`` (a job function from workers.jobs) over the task's videos in one call, so
+    decoding the next video overlaps compute and pre-labeling batches windows across videos. Each result is
+    written to the sink and reported as progress as it comes; a cancelled job stops taking videos."""
     results, done, failed = [], 0, 0
     out = sink_from(sink)
     if sink and sink.get("url") and sink.get("api_key"):  # Label Studio media is fetched with its key
         from workers.media import register_key
 
         register_key(sink["url"], sink["api_key"])
-    for video in videos:
-        if is_cancelled(job_id):
-            log.info("job %s cancelled: skipping %d videos", job_id, len(videos) - done - failed)
-            break
-        r = fn([video])[0].model_dump(mode="json")
+
+    def remaining():
+        for video in videos:
+            if is_cancelled(job_id):
+                return
+            yield video
+
+    def record(result) -> None:
+        nonlocal done, failed
+        r = result.model_dump(mode="json")
         if out is not None:
             out.write([r])
         results.append(r)
@@ -86,6 +94,10 @@ def _run(task, job_id: str, videos: list[str], sink: dict | None, fn) -> dict:
         done += r["error"] is None
         if task is not None and task.request.id:
             task.update_state(state="PROGRESS", meta={"done": done, "failed": failed, "total": len(videos)})
+
+    fn(remaining(), record)
+    if len(results) < len(videos):
+        log.info("job %s cancelled: skipped %d videos", job_id, len(videos) - len(results))
     return {"results": results, "done": done, "failed": failed, "total": len(videos)}
 
 
@@ -98,7 +110,7 @@ def prelabel(
 
     model = served_model()
     vocab, s = parse_labels(labels), PrelabelSettings(**settings)
-    return _run(self, job_id, videos, sink, lambda v: prelabel_videos(model, v, vocab, s))
+    return _run(self, job_id, videos, sink, lambda v, progress: prelabel_videos(model, v, vocab, s, progress))
 
 
 @app.task(name="stllm.ask", bind=True, max_retries=2)
@@ -108,7 +120,7 @@ def ask(self, job_id: str, videos: list[str], question: str, settings: dict, sin
 
     model = served_model()
     s = AskSettings(**settings)
-    return _run(self, job_id, videos, sink, lambda v: ask_videos(model, v, question, s))
+    return _run(self, job_id, videos, sink, lambda v, progress: ask_videos(model, v, question, s, progress))
 
 
 @app.task(name="stllm.ping", bind=True)
