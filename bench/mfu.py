@@ -3,6 +3,11 @@ the engine achieves in batched pre-label inference (vision encoder + LLM prefill
 the peak of the dtype it computes in (MFU). FLOPs are counted by torch's FlopCounterMode on the same call
 that is then timed without it.
 
+A second block puts the MFU in context: the ceiling it could reach if every FLOP outside attention ran at the
+GEMM peak and nothing else took time, with attention as fast as this CPU's attention kernel runs the engine's
+own attention calls (replayed alone on random inputs of the same shapes). Attention cannot run at the GEMM
+peak: its softmax is an exponential per score, which no matrix unit computes.
+
     .venv/bin/python bench/mfu.py [--model builtin] [--duration 60]
     .venv/bin/python bench/mfu.py --model smolvlm2-256m-shaped --duration 20 --repeat 1
 
@@ -13,12 +18,14 @@ weights, built from its configuration values (bench/gpu_check.py): no download.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, ".")
@@ -48,10 +55,56 @@ def timed(fn, repeat: int) -> float:
     return min(times)
 
 
-def counted(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
+ATTENTION_OPS = {  # the composite op too: under inference_mode a dispatch mode sees it before it decomposes
+    torch.ops.aten.scaled_dot_product_attention,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+    torch.ops.aten._scaled_dot_product_flash_attention,
+    torch.ops.aten._scaled_dot_product_efficient_attention,
+}
+
+
+class AttentionCalls(TorchDispatchMode):
+    """Records every attention kernel call's arguments as shapes (tensors replaced by their layout), so the
+    same calls can be replayed on their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in ATTENTION_OPS:
+            layout = lambda a: ("tensor", a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls.append(
+                (func, tuple(map(layout, args)), tuple((k, layout(v)) for k, v in kwargs.items()))
+            )
+        return func(*args, **kwargs)
+
+
+def replay_seconds(calls: list[tuple], repeat: int = 5) -> float:
+    """Seconds the recorded attention calls take when each runs alone on random inputs of the same layout
+    (best of ``repeat`` per distinct call, times how often it occurred)."""
+    from collections import Counter
+
+    def make(a):
+        if isinstance(a, tuple) and a and a[0] == "tensor":
+            t = torch.empty_strided(a[1], a[2], dtype=a[3])
+            return t.normal_() if t.is_floating_point() else t.fill_(True)
+        return a
+
+    total = 0.0
+    for (func, args, kwargs), count in Counter(calls).items():
+        call = functools.partial(func, *[make(a) for a in args], **{k: make(v) for k, v in kwargs})
+        total += count * timed(call, repeat)
+    return total
+
+
+def counted(fn) -> tuple[float, float, list[tuple]]:
+    """FLOPs of one call of ``fn``: (all, attention's), and its attention calls."""
+    with FlopCounterMode(display=False) as counter, AttentionCalls() as attention:
         fn()
-    return counter.get_total_flops()
+    by_op = counter.get_flop_counts().get("Global", {})
+    return counter.get_total_flops(), sum(by_op.get(op, 0) for op in ATTENTION_OPS), attention.calls
 
 
 def main() -> None:
@@ -121,7 +174,8 @@ def main() -> None:
     )
     parts = []
     for name, fn in (("vision encoder", vision), ("LLM prefill + scoring", llm), ("whole pre-label", whole)):
-        parts.append((name, counted(fn), timed(fn, args.repeat)))
+        flops, attention_flops, calls = counted(fn)
+        parts.append((name, flops, timed(fn, args.repeat), attention_flops, replay_seconds(calls)))
     # the peak measured again after the engine ran, the best of both kept: a shared machine's slow moment
     # lowers a peak as much as a run, and a low peak would flatter the MFU
     after = measure_peaks()
@@ -131,11 +185,27 @@ def main() -> None:
             f"GEMM peak, {threads} threads, {name}: {peaks[name]:.0f} GFLOP/s "
             f"(best of 2048^3 and 512x576x1536, SmolLM2-135M's MLP, before and after the engine ran)"
         )
-    for name, flops, seconds in parts:
+    peak = peaks[dtype] * 1e9
+    for name, flops, seconds, _, _ in parts:
         achieved = flops / seconds / 1e9
         print(
             f"  {name:<22} {flops / 1e9:8.1f} GFLOP in {seconds * 1000:7.1f} ms = {achieved:6.0f} GFLOP/s "
             f"-> MFU {100 * achieved / peaks[dtype]:.0f}% of the {dtype} GEMM peak"
+        )
+    print(
+        "ceiling: every FLOP outside attention at the GEMM peak, nothing else taking time, and attention as fast"
+        "\nas this CPU's attention kernel runs the same calls on their own:"
+    )
+    for name, flops, seconds, attention_flops, attention_seconds in parts:
+        bound = (flops - attention_flops) / peak + attention_seconds
+        if attention_seconds:
+            rate = attention_flops / attention_seconds / 1e9
+            what = f"attention {100 * attention_flops / flops:4.1f}% of FLOPs at {rate:5.0f} GFLOP/s"
+        else:
+            what = "no attention"
+        print(
+            f"  {name:<22} {what} -> MFU at most {100 * flops / bound / peak:.0f}%; "
+            f"the engine runs at {100 * bound / seconds:.0f}% of it"
         )
     print("\ncommand: .venv/bin/python bench/mfu.py")
 
