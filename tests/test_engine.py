@@ -72,6 +72,38 @@ def test_cached_scoring_equals_naive_scoring(tiny_model):
         torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
 
 
+def test_tokens_every_query_starts_with_run_once_per_video(tiny_model):
+    """'Does this clip show' is forwarded with the video's prefix, not once per question."""
+    torch.manual_seed(4)
+    video = tiny_model.video_tokens(torch.randn(2, 3, 4, 32))
+    queries = ["Does this clip show a jam?", "Does this clip show a hand?"]
+    q_ids = [tiny_model.question_ids(q) for q in queries]
+    shared = next(i for i, (a, b) in enumerate(zip(*q_ids, strict=False)) if a != b)
+    assert shared >= len("Does this clip show a ")
+    widths = []
+    hook = tiny_model.lm.register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+    try:
+        for candidates in (["y", "n"], ["yes", "no"]):  # single-token and multi-token paths
+            widths.clear()
+            cached = tiny_model.score(video, queries, candidates)
+            (_, prefix_len), (_, width) = widths  # the prefix pass, then the question pass
+            naive = tiny_model.score_naive(video, queries, candidates)
+            torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+            head = len(tiny_model.text_ids(tiny_model.prompt_head))
+            assert prefix_len == head + video.shape[1] + shared
+            longest = max(len(c) for c in candidates) if candidates[0] == "yes" else 0
+            assert width == max(len(q) for q in q_ids) - shared + longest
+    finally:
+        hook.remove()
+    # one query: all but its last token join the prefix
+    single = tiny_model.score(video, ["Is it?"], ["yes", "no"])
+    torch.testing.assert_close(
+        single, tiny_model.score_naive(video, ["Is it?"], ["yes", "no"]), atol=1e-4, rtol=1e-4
+    )
+
+
 def test_single_token_candidates_use_the_fast_path_and_match_naive(tiny_model):
     video = tiny_model.video_tokens(torch.randn(3, 2, 4, 32))
     cached = tiny_model.score(video, ["Which?"], ["A", "B", "C"])  # one byte each: the single-token path

@@ -14,6 +14,8 @@ The four method pieces are the short named functions below: ``fuse_global_local`
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -297,13 +299,16 @@ class STLLM(nn.Module):
         return self.embed(ids)
 
     @torch.inference_mode()
-    def prefix(self, video: torch.Tensor):
-        """Forward the shared prefix (chat header + video) once. Returns (cache, last-position log-probs
-        (B, V), prefix length)."""
+    def prefix(self, video: torch.Tensor, after: Sequence[int] = ()):
+        """Forward the shared prefix (chat header + video, then the token ids ``after``, e.g. the start that
+        every question shares) once. Returns (cache, last-position log-probs (B, V), prefix length)."""
         b = video.shape[0]
         with self.autocast():
             inputs = video.to(self.device)
-            inputs = torch.cat([self._head_embeds(b).to(inputs.dtype), inputs], 1)
+            parts = [self._head_embeds(b).to(inputs.dtype), inputs]
+            if after:
+                parts.append(self.embed(torch.tensor([list(after)] * b, dtype=torch.long)).to(inputs.dtype))
+            inputs = torch.cat(parts, 1)
             out = self.lm(inputs_embeds=inputs, use_cache=True)
             last = self.backbone.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
         return out.cache, last, inputs.shape[1]
@@ -314,18 +319,22 @@ class STLLM(nn.Module):
     ) -> torch.Tensor:
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
-        The video + prompt head is computed once per video (KV cache); every (query, candidate) continuation
-        then runs as one batch over the expanded cache. Candidates that are single tokens (the yes/no case)
-        are read off the query's last position, so that case needs one row per query, not per candidate.
+        The video + prompt head, and the tokens every query starts with ("Does this clip show"), are computed
+        once per video (KV cache); every (query, candidate) continuation then runs as one batch over the
+        expanded cache. Candidates that are single tokens (the yes/no case) are read off the query's last
+        position, so that case needs one row per query, not per candidate.
         """
         b = video.shape[0]
         q_ids = [self.question_ids(q, answer_prefix) for q in queries]
         c_ids = [self.text_ids(c) for c in candidates]
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("every query needs at least one token")
+        # the shared start goes into the prefix; each query keeps at least its last token, where scoring reads
+        shared = min(len(os.path.commonprefix(q_ids)), min(len(q) for q in q_ids) - 1)
+        cache, _, plen = self.prefix(video, q_ids[0][:shared])
+        q_ids = [q[shared:] for q in q_ids]
         single = all(len(c) == 1 for c in c_ids)
         rows = [q for q in q_ids] if single else [q + c for q in q_ids for c in c_ids]
-        cache, _, plen = self.prefix(video)
         n = len(rows)
         cache.batch_repeat_interleave(n)
         width = max(len(r) for r in rows)
