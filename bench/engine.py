@@ -1,5 +1,6 @@
 """Engine figures: visual tokens with and without global-local, training step time with masking+MVM /
-masking only / no masking, cached vs naive scoring of 8 candidates.
+masking only / no masking, cached vs naive scoring of 8 candidates, and the label questions' shared start
+forwarded once per window vs once per question.
 
     .venv/bin/python bench/engine.py [--skip-builtin]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import sys
 import tempfile
@@ -88,6 +90,39 @@ def bench_scoring(model, name: str, feat_dim: int, k: int, repeat: int) -> None:
     )
 
 
+def bench_label_questions(model, name: str, feat_dim: int, k: int, repeat: int, windows: int = 29) -> None:
+    """Pre-labeling's scoring call: 5 label questions (yes/no) over a batch of windows, with the tokens the
+    questions share forwarded once per window vs with every question."""
+    from workers.schemas import parse_labels
+
+    model.eval()
+    video = model.video_tokens(torch.randn(windows, 4, k, feat_dim), torch.randn(windows, 4, k, feat_dim))
+    questions = [x.question() for x in parse_labels(["jam", "hand", "defect", "part_passing", "empty_line"])]
+    shared = len(os.path.commonprefix([model.question_ids(q) for q in questions]))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(
+        repeat + 1
+    ):  # interleaved, so drift on a shared machine hits both alike; first run warms up
+        for on in times:
+            t = time.perf_counter()
+            model.score(video, questions, ["yes", "no"], shared_start=on)
+            times[on].append(time.perf_counter() - t)
+    on, off = (statistics.median(times[x][1:]) for x in (True, False))
+    diff = (
+        (
+            model.score(video, questions, ["yes", "no"])
+            - model.score(video, questions, ["yes", "no"], shared_start=False)
+        )
+        .abs()
+        .max()
+        .item()
+    )
+    print(
+        f"  {name:<8} 5 questions x {windows} windows ({shared} shared tokens): once per window {on * 1000:7.1f} ms, "
+        f"per question {off * 1000:7.1f} ms, speed-up {off / on:4.2f}x, max |diff| {diff:.1e}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-builtin", action="store_true")
@@ -113,6 +148,7 @@ def main() -> None:
         model.video_tokens(torch.randn(1, 16, k, feat_dim), torch.randn(1, 64, k, feat_dim))  # shape check
         print(f"\ncached vs naive scoring ({name}, compute {str(model.compute_dtype).split('.')[-1]})")
         bench_scoring(model, name, feat_dim, k, args.repeat)
+        bench_label_questions(model, name, feat_dim, k, args.repeat)
         print(f"\ntraining step, batch 4, frozen-encoder features cached ({name})")
         bench_training(model, name, feat_dim, k, args.repeat)
     print("\ncommand: .venv/bin/python bench/engine.py")

@@ -315,14 +315,20 @@ class STLLM(nn.Module):
 
     @torch.inference_mode()
     def score(
-        self, video: torch.Tensor, queries: list[str], candidates: list[str], answer_prefix: str = ""
+        self,
+        video: torch.Tensor,
+        queries: list[str],
+        candidates: list[str],
+        answer_prefix: str = "",
+        shared_start: bool = True,
     ) -> torch.Tensor:
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
         The video + prompt head, and the tokens every query starts with ("Does this clip show"), are computed
         once per video (KV cache); every (query, candidate) continuation then runs as one batch over the
         expanded cache. Candidates that are single tokens (the yes/no case) are read off the query's last
-        position, so that case needs one row per query, not per candidate.
+        position, so that case needs one row per query, not per candidate. ``shared_start=False`` runs
+        every query from its first token instead (same result; for benchmarks).
         """
         b = video.shape[0]
         q_ids = [self.question_ids(q, answer_prefix) for q in queries]
@@ -330,7 +336,7 @@ class STLLM(nn.Module):
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("every query needs at least one token")
         # the shared start goes into the prefix; each query keeps at least its last token, where scoring reads
-        shared = min(len(os.path.commonprefix(q_ids)), min(len(q) for q in q_ids) - 1)
+        shared = min(len(os.path.commonprefix(q_ids)), min(len(q) for q in q_ids) - 1) if shared_start else 0
         cache, _, plen = self.prefix(video, q_ids[0][:shared])
         q_ids = [q[shared:] for q in q_ids]
         single = all(len(c) == 1 for c in c_ids)
