@@ -42,3 +42,33 @@ def test_builtin_language_model_is_the_real_instruct_model(builtin):
     p = builtin.score(empty, ["What is the capital of France?"], ["Paris", "Banana"])
     assert p[0, 0, 0] > p[0, 0, 1]
     assert len(ids) > 5
+
+
+def test_folded_efficientnet_computes_the_same_features():
+    """Batch norms, padding and ReLU6 folded into the convolutions: the same function in fp32 on both kernels
+    (oneDNN's fused call and the eager fallback), and bf16 serving stays close to it."""
+    import os
+
+    from workers.stllm.backbones import _load_vision, fold_efficientnet
+    from workers.stllm.fused import FoldedConv
+
+    original = _load_vision("efficientnet-lite0")[0].eval()
+    folded = _load_vision("efficientnet-lite0")[0].eval()
+    assert fold_efficientnet(folded)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in original.modules())
+    assert sum(isinstance(m, FoldedConv) for m in folded.modules()) == convolutions == 49
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in folded.modules())
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = original.extract_features(x)
+        torch.testing.assert_close(folded.extract_features(x), reference, atol=1e-4, rtol=1e-4)
+        os.environ["STLLM_FUSED_LINEAR"] = "0"
+        try:
+            torch.testing.assert_close(folded.extract_features(x), reference, atol=1e-4, rtol=1e-4)
+        finally:
+            del os.environ["STLLM_FUSED_LINEAR"]
+        served = folded.to(torch.bfloat16).extract_features(x.bfloat16()).float()
+    assert folded._conv_stem.bias.dtype == torch.float32  # the folded bias is not rounded to bf16
+    cosine = torch.nn.functional.cosine_similarity(served.flatten(1), reference.flatten(1))
+    assert cosine.min() > 0.995

@@ -143,3 +143,65 @@ def register_flop_counts() -> None:
             return full // 2 if is_causal else full
 
         flop_counter.register_flop_formula(attention)(attention_flops)
+
+
+class FoldedConv(nn.Module):
+    """A convolution with its batch norm folded in, its "same" padding and optional ReLU6 applied by the
+    convolution itself: ``relu6?(bn(conv(pad(x))))`` as one oneDNN call on a CPU.
+
+    The folded weight is computed in fp32 and rounded once when the model is cast to bf16; the bias stays
+    fp32 (``_apply`` keeps it so), where rounding it would cost more accuracy than the bf16 weights do.
+    Eager fallback (another device, autograd, ``STLLM_FUSED_LINEAR=0``): ``F.conv2d`` then ``F.hardtanh``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool, pad: tuple[int, int, int, int]):
+        super().__init__()
+        with torch.no_grad():
+            scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+            bias = bn.bias.float() - bn.running_mean.float() * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias.float() * scale
+            weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+        self.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+        self.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+        self.stride, self.dilation, self.groups = list(conv.stride), list(conv.dilation), conv.groups
+        left, right, top, bottom = pad
+        # symmetric padding goes into the convolution; TF-style "same" padding of strided layers is not
+        self.padding = [top, left] if (left, top) == (right, bottom) else [0, 0]
+        self.pre_pad = None if (left, top) == (right, bottom) else (left, right, top, bottom)
+        self.relu6 = relu6
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.bias.dtype != torch.float32:
+            self.bias.data = self.bias.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if (
+            x.device.type == "cpu"
+            and x.dtype == self.weight.dtype
+            and not grad
+            and os.environ.get("STLLM_FUSED_LINEAR", "1") != "0"
+            and torch.backends.mkldnn.is_available()
+        ):
+            attr, scalars = ("hardtanh", [0.0, 6.0]) if self.relu6 else ("none", [])
+            return torch.ops.mkldnn._convolution_pointwise(
+                x,
+                self.weight,
+                self.bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+                attr,
+                scalars,
+                "",
+            )
+        y = F.conv2d(
+            x, self.weight, self.bias.to(x.dtype), self.stride, self.padding, self.dilation, self.groups
+        )
+        return F.hardtanh(y, 0.0, 6.0) if self.relu6 else y
