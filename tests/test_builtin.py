@@ -70,5 +70,17 @@ def test_folded_efficientnet_computes_the_same_features():
             del os.environ["STLLM_FUSED_LINEAR"]
         served = folded.to(torch.bfloat16).extract_features(x.bfloat16()).float()
     assert folded._conv_stem.bias.dtype == torch.float32  # the folded bias is not rounded to bf16
+    # bench/mfu.py counts the folded convolutions' FLOPs as the convolutions they replace
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workers.stllm.fused import register_flop_counts
+
+    register_flop_counts()
+    flops = []
+    for net, inputs in ((original, x), (folded, x.bfloat16())):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net.extract_features(inputs)
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 1e9
     cosine = torch.nn.functional.cosine_similarity(served.flatten(1), reference.flatten(1))
     assert cosine.min() > 0.995

@@ -121,12 +121,21 @@ def fuse_linear_layers(model: nn.Module) -> int:
 
 def register_flop_counts() -> None:
     """Teach ``torch.utils.flop_counter.FlopCounterMode`` the CPU kernels it misses, so FLOP counts
-    (bench/mfu.py) include them: the fused linear layers (2 x M x K x N, as the layers they replace) and
-    CPU flash attention (torch's count for attention, halved when causal). Safe to call more than once."""
+    (bench/mfu.py) include them: the fused linear layers (2 x M x K x N, as the layers they replace), the
+    folded convolutions (as the convolutions they replace) and CPU flash attention (torch's count for
+    attention, halved when causal). Safe to call more than once."""
     from torch.utils import flop_counter
 
     linear = torch.ops.mkldnn._linear_pointwise  # both overloads (default and binary)
+    convolution = torch.ops.mkldnn._convolution_pointwise  # (X, W, ...) or, binary, (X, other, W, ...)
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if convolution not in flop_counter.flop_registry:
+
+        def convolution_flops(x_shape, second, third, *_args, out_shape=None, **_kwargs) -> int:
+            weight = third if tuple(second) == tuple(out_shape) else second
+            return flop_counter.conv_flop_count(x_shape, weight, out_shape, transposed=False)
+
+        flop_counter.register_flop_formula(convolution)(convolution_flops)
     if linear not in flop_counter.flop_registry:
 
         def linear_flops(x_shape, *_args, out_shape=None, **_kwargs) -> int:
