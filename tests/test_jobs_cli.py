@@ -179,6 +179,23 @@ def test_prefetch_reads_its_items_one_ahead_so_a_generator_can_stop_the_run():
     assert list(prefetch(iter([]), lambda i: i)) == []
 
 
+def test_low_priority_prefetch_runs_its_work_in_a_niced_thread():
+    import os
+    import threading
+
+    from workers.jobs import prefetch
+
+    def work(i: int) -> tuple[int, int]:
+        return i * i, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    out = list(prefetch(range(4), work, low_priority=True))
+    assert [(i, r[0]) for i, r in out] == [(i, i * i) for i in range(4)]
+    assert {r[1] for _, r in out} == {19}  # the thread's own nice value
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is unchanged
+    assert {r[1] for _, r in prefetch(range(2), work)} == {before}
+
+
 def test_ask_encodes_each_videos_frames_once(tiny_model, videos, monkeypatch):
     good, _ = videos
     calls = []
