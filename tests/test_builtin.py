@@ -68,7 +68,11 @@ def test_folded_efficientnet_computes_the_same_features():
             torch.testing.assert_close(folded.extract_features(x), reference, atol=1e-4, rtol=1e-4)
         finally:
             del os.environ["STLLM_FUSED_LINEAR"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # training: fp32 weights under autocast
+            trained_on = folded.extract_features(x).float()
         served = folded.to(torch.bfloat16).extract_features(x.bfloat16()).float()
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(trained_on.flatten(1), served.flatten(1)).min() > 0.999  # both bf16 convolutions
     assert folded._conv_stem.bias.dtype == torch.float32  # the folded bias is not rounded to bf16
     # bench/mfu.py counts the folded convolutions' FLOPs as the convolutions they replace
     from torch.utils.flop_counter import FlopCounterMode
@@ -82,5 +86,4 @@ def test_folded_efficientnet_computes_the_same_features():
             net.extract_features(inputs)
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1] > 1e9
-    cosine = torch.nn.functional.cosine_similarity(served.flatten(1), reference.flatten(1))
-    assert cosine.min() > 0.995
+    assert cosine(served.flatten(1), reference.flatten(1)).min() > 0.995

@@ -160,7 +160,9 @@ class FoldedConv(nn.Module):
 
     The folded weight is computed in fp32 and rounded once when the model is cast to bf16; the bias stays
     fp32 (``_apply`` keeps it so), where rounding it would cost more accuracy than the bf16 weights do.
-    Eager fallback (another device, autograd, ``STLLM_FUSED_LINEAR=0``): ``F.conv2d`` then ``F.hardtanh``.
+    Under CPU autocast it computes in the autocast dtype, as ``F.conv2d`` would, so training (fp32 weights,
+    autocast) sees the features serving (bf16 weights) does. Eager fallback (another device, autograd,
+    ``STLLM_FUSED_LINEAR=0``): ``F.conv2d`` then ``F.hardtanh``.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool, pad: tuple[int, int, int, int]):
@@ -189,10 +191,14 @@ class FoldedConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        weight = self.weight
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # as autocast would run a convolution
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if (
             x.device.type == "cpu"
-            and x.dtype == self.weight.dtype
+            and x.dtype == weight.dtype
             and not grad
             and os.environ.get("STLLM_FUSED_LINEAR", "1") != "0"
             and torch.backends.mkldnn.is_available()
@@ -200,7 +206,7 @@ class FoldedConv(nn.Module):
             attr, scalars = ("hardtanh", [0.0, 6.0]) if self.relu6 else ("none", [])
             return torch.ops.mkldnn._convolution_pointwise(
                 x,
-                self.weight,
+                weight,
                 self.bias,
                 self.padding,
                 self.stride,
@@ -210,7 +216,5 @@ class FoldedConv(nn.Module):
                 scalars,
                 "",
             )
-        y = F.conv2d(
-            x, self.weight, self.bias.to(x.dtype), self.stride, self.padding, self.dilation, self.groups
-        )
+        y = F.conv2d(x, weight, self.bias.to(x.dtype), self.stride, self.padding, self.dilation, self.groups)
         return F.hardtanh(y, 0.0, 6.0) if self.relu6 else y
