@@ -195,13 +195,9 @@ def preprocess_frames(
     """uint8 (T, H, W, 3) -> normalised float (T, 3, size, size), on the frames' device.
 
     Inference resizes the shorter side to ``size`` and centre-crops; training takes one random resized crop
-    (scale 0.5-1, the same for all frames of a clip) as ST-LLM does. uint8 frames on a CPU are resized as
-    uint8 (as image processors resize with PIL; 5x faster than in float, within 1/255 of it), other frames
-    in float.
+    (scale 0.5-1, the same for all frames of a clip) as ST-LLM does.
     """
-    x = frames.permute(0, 3, 1, 2)  # (T, 3, H, W)
-    if not (x.dtype == torch.uint8 and x.device.type == "cpu"):
-        x = x.float().div_(255.0)
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
     _, _, h, w = x.shape
     if train:
         area = h * w * float(torch.empty(1).uniform_(0.5, 1.0, generator=generator))
@@ -216,8 +212,6 @@ def preprocess_frames(
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, :, top : top + size, left : left + size]
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255.0)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
