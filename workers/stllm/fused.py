@@ -34,14 +34,18 @@ _GELU = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation": "ta
 _SILU = {"SiLU", "SiLUActivation"}
 
 
+def _onednn_switched_on() -> bool:
+    """oneDNN's fused kernels are built in and not turned off (``STLLM_FUSED_LINEAR=0``)."""
+    return os.environ.get("STLLM_FUSED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
 def fusion_available(weight: torch.Tensor) -> bool:
     """True where oneDNN's fused linear kernel can run ``weight``: a bf16 CPU tensor on a build with oneDNN.
     ``STLLM_FUSED_LINEAR=0`` turns fusion off."""
     return (
-        os.environ.get("STLLM_FUSED_LINEAR", "1") != "0"
+        _onednn_switched_on()
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
@@ -196,13 +200,7 @@ class FoldedConv(nn.Module):
             dtype = torch.get_autocast_dtype("cpu")
             x, weight = x.to(dtype), weight.to(dtype)
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if (
-            x.device.type == "cpu"
-            and x.dtype == weight.dtype
-            and not grad
-            and os.environ.get("STLLM_FUSED_LINEAR", "1") != "0"
-            and torch.backends.mkldnn.is_available()
-        ):
+        if x.device.type == "cpu" and x.dtype == weight.dtype and not grad and _onednn_switched_on():
             attr, scalars = ("hardtanh", [0.0, 6.0]) if self.relu6 else ("none", [])
             return torch.ops.mkldnn._convolution_pointwise(
                 x,
