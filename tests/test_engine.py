@@ -243,6 +243,35 @@ def test_fused_cpu_kernels_match_the_eager_bf16_path_and_keep_parameters(tmp_pat
     assert all(torch.equal(eager_state[k], fused_state[k]) for k in eager_state)
 
 
+def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
+    """The fused layers' weights in oneDNN's layout are made on first use, reused, and made again when the
+    weight is replaced or changed in place (load_state_dict), so a layer never computes with stale weights."""
+    import pytest
+
+    from workers.stllm.fused import FusedLinear, fusion_available, packed_weight
+
+    if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this torch build has no oneDNN fused linear kernel")
+    layer = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    layer.__class__ = FusedLinear
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+
+    def check(weight: torch.Tensor) -> None:
+        with torch.inference_mode():
+            out = layer(x)
+        torch.testing.assert_close(
+            out, torch.nn.functional.linear(x, weight, layer.bias), atol=0.05, rtol=0.02
+        )
+
+    check(layer.weight)
+    assert packed_weight(layer) is packed_weight(layer)
+    doubled = layer.weight.detach() * 2
+    layer.load_state_dict({"weight": doubled, "bias": layer.bias.detach()})
+    check(doubled)
+    layer.weight = torch.nn.Parameter(-doubled, requires_grad=False)
+    check(-doubled)
+
+
 def test_fused_linear_falls_back_to_eager_for_autograd_and_fp32():
     from workers.stllm.fused import FusedLinear
 
