@@ -11,6 +11,7 @@ video has nothing to overlap with; after it, at steady state, that time should b
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ def main() -> None:
     if not args.overlap_only:
         sampling(work, args.minutes, args.fps)
     overlap(work, args.model)
-    print("\ncommand: .venv/bin/python bench/decode.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 def sampling(work: Path, minutes: float, fps: float) -> None:

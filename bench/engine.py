@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -151,7 +152,7 @@ def main() -> None:
         bench_label_questions(model, name, feat_dim, k, args.repeat)
         print(f"\ntraining step, batch 4, frozen-encoder features cached ({name})")
         bench_training(model, name, feat_dim, k, args.repeat)
-    print("\ncommand: .venv/bin/python bench/engine.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

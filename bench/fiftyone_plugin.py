@@ -7,6 +7,7 @@ submits), and end-to-end time for 20 generated videos through one CPU worker (bu
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def main() -> None:
         worker.wait(60)
     finally:
         redis.terminate()
-    print("\ncommand: .venv/bin/python bench/fiftyone_plugin.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

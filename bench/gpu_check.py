@@ -10,6 +10,7 @@ Prints windows/s, video-minutes per GPU-minute, tokens/s, MFU against the card's
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -284,7 +285,7 @@ def main() -> None:
     )
     if device == "cuda":
         print(f"peak memory, training: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(f"total {time.perf_counter() - start:.0f} s\n\ncommand: python bench/gpu_check.py")
+    print(f"total {time.perf_counter() - start:.0f} s\n\ncommand: python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import base64
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -188,7 +189,7 @@ def main() -> None:
         for p in reversed(procs):
             stop(p)
         redis.terminate()
-    print("\ncommand: .venv/bin/python bench/labelstudio.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 import sys
 import tempfile
 import time
@@ -207,7 +208,7 @@ def main() -> None:
             f"  {name:<22} {what} -> MFU at most {100 * flops / bound / peak:.0f}%; "
             f"the engine runs at {100 * bound / seconds:.0f}% of it"
         )
-    print("\ncommand: .venv/bin/python bench/mfu.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

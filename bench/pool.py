@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def main() -> None:
         stop(w2)
     finally:
         redis.terminate()
-    print("\ncommand: .venv/bin/python bench/pool.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

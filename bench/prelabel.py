@@ -8,6 +8,7 @@ predictor on generated videos.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -118,7 +119,7 @@ def main() -> None:
         print(f"\nmAP on {args.map_videos} generated 30 s videos")
         for name, rep in rows.items():
             print(f"  {name:<20} mAP@0.5 {rep.map_at(0.5):.3f}   mAP(0.3-0.7) {rep.mean_ap:.3f}")
-    print("\ncommand: .venv/bin/python bench/prelabel.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

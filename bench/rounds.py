@@ -8,6 +8,7 @@ time split (collect / train / evaluate).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -70,7 +71,7 @@ def main() -> None:
             f"   (round {time.perf_counter() - t:.0f}s)",
             flush=True,
         )
-    print("\ncommand: .venv/bin/python bench/rounds.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

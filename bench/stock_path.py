@@ -18,6 +18,7 @@ list of images: the documented multi-image use).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -230,7 +231,7 @@ def main() -> None:
             f"bf16's {flipped.sum()} flipped decisions all have the stock path's P(yes) within "
             f"{np.abs(p_stock[flipped] - 0.5).max():.3f} of 0.5"
         )
-    print("\ncommand: .venv/bin/python bench/stock_path.py")
+    print("\ncommand: .venv/bin/python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":
