@@ -272,6 +272,41 @@ def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
     check(-doubled)
 
 
+def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_path, monkeypatch):
+    """A fine-tuned version (LoRA adapters on the decoder, not merged) loaded for serving: the fused kernels
+    and packed weights reach the adapters' layers too, and the scores match the eager bf16 path."""
+    import pytest
+
+    from workers.stllm.fused import FusedLinear, fusion_available
+    from workers.stllm.tiny import tiny_smolvlm
+
+    if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this torch build has no oneDNN fused linear kernel")
+    torch.manual_seed(0)
+    model = build_model(tiny_smolvlm(tmp_path / "smol"), device="cpu", dtype="fp32").eval()
+    model.attach_lora()
+    for p in model.parameters():  # LoRA B starts at zero: make the adapters change the outputs
+        if p.requires_grad:
+            p.data.add_(0.05 * torch.randn_like(p))
+    save_model(model, tmp_path / "version", version="round-1")
+    frames = torch.randint(0, 255, (4, 48, 80, 3), dtype=torch.uint8)
+
+    def scores(fused: bool):
+        monkeypatch.setenv("STLLM_FUSED_LINEAR", "1" if fused else "0")
+        served = load_model(tmp_path / "version", device="cpu", dtype="bf16").inference_weights()
+        feats = served.frame_features(frames)
+        video = served.video_tokens(
+            feats.view(2, 2, *feats.shape[1:]), feats.unsqueeze(0).expand(2, -1, -1, -1)
+        )
+        return served, served.score(video, ["Is there a jam?", "Is a hand in view?"], ["yes", "no"])
+
+    fused_model, fused = scores(True)
+    _, eager = scores(False)
+    adapters = [m for n, m in fused_model.named_modules() if n.endswith("lora_A.default")]
+    assert adapters and all(isinstance(m, FusedLinear) for m in adapters)
+    torch.testing.assert_close(fused, eager, atol=0.05, rtol=0)
+
+
 def test_fused_linear_falls_back_to_eager_for_autograd_and_fp32():
     from workers.stllm.fused import FusedLinear
 
