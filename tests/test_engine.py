@@ -248,7 +248,7 @@ def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
     weight is replaced or changed in place (load_state_dict), so a layer never computes with stale weights."""
     import pytest
 
-    from workers.stllm.fused import FusedLinear, fusion_available, packed_weight
+    from workers.stllm.fused import FusedLinear, forget_packed_weights, fusion_available, packed_weight
 
     if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch build has no oneDNN fused linear kernel")
@@ -270,6 +270,9 @@ def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
     check(doubled)
     layer.weight = torch.nn.Parameter(-doubled, requires_grad=False)
     check(-doubled)
+    layer.weight.data.mul_(0.5)  # a write torch does not count: forget_packed_weights() is the way back
+    forget_packed_weights()
+    check(-doubled * 0.5)
 
 
 def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_path, monkeypatch):

@@ -64,9 +64,8 @@ def _fusable(x: torch.Tensor, layer: nn.Linear) -> bool:
     )
 
 
-_PACKED: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # layer -> (weight's identity, packed weight)
+# layer -> (the weight's identity when packed, packed weight)
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PACK_ROWS = 1024  # the row count oneDNN picks the blocked layout for; it serves other counts too
 
 
