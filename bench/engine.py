@@ -100,24 +100,16 @@ def bench_label_questions(model, name: str, feat_dim: int, k: int, repeat: int, 
     video = model.video_tokens(torch.randn(windows, 4, k, feat_dim), torch.randn(windows, 4, k, feat_dim))
     questions = [x.question() for x in parse_labels(["jam", "hand", "defect", "part_passing", "empty_line"])]
     shared = len(os.path.commonprefix([model.question_ids(q) for q in questions]))
+    scores = functools.partial(model.score, video, questions, ["yes", "no"])
     times: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(
-        repeat + 1
-    ):  # interleaved, so drift on a shared machine hits both alike; first run warms up
+    # interleaved, so drift on a shared machine hits both alike; the first run of each warms up
+    for _ in range(repeat + 1):
         for on in times:
             t = time.perf_counter()
-            model.score(video, questions, ["yes", "no"], shared_start=on)
+            scores(shared_start=on)
             times[on].append(time.perf_counter() - t)
     on, off = (statistics.median(times[x][1:]) for x in (True, False))
-    diff = (
-        (
-            model.score(video, questions, ["yes", "no"])
-            - model.score(video, questions, ["yes", "no"], shared_start=False)
-        )
-        .abs()
-        .max()
-        .item()
-    )
+    diff = (scores() - scores(shared_start=False)).abs().max().item()
     print(
         f"  {name:<8} 5 questions x {windows} windows ({shared} shared tokens): once per window {on * 1000:7.1f} ms, "
         f"per question {off * 1000:7.1f} ms, speed-up {off / on:4.2f}x, max |diff| {diff:.1e}"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
+from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -44,10 +45,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, attr: str = "none", algorithm:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, attr, [], algorithm)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1024)
-
-
 def rand(*shape: int) -> torch.Tensor:
     return torch.randn(*shape).to(BF16)
 
@@ -62,7 +59,7 @@ def linear_lines() -> None:
         (16384, 768, 768),
     ):
         x, w = rand(rows, k), rand(n, k) * 0.02
-        packed = pack(w)
+        packed = pack_linear_weight(w)
         gflop = 2 * rows * k * n / 1e9
         plain_ms = best_ms(lambda x=x, w=w: linear(x, w))
         packed_ms = best_ms(lambda x=x, w=packed: linear(x, w))
@@ -74,7 +71,7 @@ def linear_lines() -> None:
 
 def gelu_lines() -> None:
     x, w = rand(2048, 768), rand(3072, 768) * 0.05
-    w = pack(w)
+    w = pack_linear_weight(w)
     print("SigLIP fc1, 2048 x 768 -> 3072, and its GELU:")
     print(f"  product alone                 {best_ms(lambda: linear(x, w)):6.2f} ms")
     print(f"  tanh-GELU inside (the model)  {best_ms(lambda: linear(x, w, 'gelu', 'tanh')):6.2f} ms")
@@ -84,7 +81,7 @@ def gelu_lines() -> None:
 
 
 def down_lines() -> None:
-    w = pack(rand(576, 1536) * 0.02)
+    w = pack_linear_weight(rand(576, 1536) * 0.02)
     print("SmolLM2 down_proj, 1536 -> 576, packed weight (TFLOP/s on 2 threads / on 1 thread):")
     threads = torch.get_num_threads()
     for rows in (256, 616, 980, 1280, 1408, 1536, 2240, 4096):
@@ -149,8 +146,8 @@ def main() -> None:
     args = ap.parse_args()
     from workers.stllm.io import keep_freed_memory
 
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not torch.backends.mkldnn.is_available():
-        sys.exit("this torch build has no oneDNN linear kernels")
+    if not fusion_available(torch.zeros(1, dtype=BF16)):
+        sys.exit("this torch build has no oneDNN linear kernels (or STLLM_FUSED_LINEAR=0)")
     keep_freed_memory()
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, bf16\n")

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, ".")
-from workers.stllm.fused import fusion_available  # noqa: E402
+from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 
 def gemm_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
@@ -39,7 +39,7 @@ def gemm_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) 
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     products = [lambda: a @ b]
     if dtype == torch.bfloat16 and fusion_available(b):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), m)
+        packed = pack_linear_weight(b.t().contiguous(), m)
         products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     best = 0.0
     for product in products:

@@ -52,6 +52,7 @@ def fusion_available(weight: torch.Tensor) -> bool:
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
 
 
@@ -66,22 +67,25 @@ def _fusable(x: torch.Tensor, layer: nn.Linear) -> bool:
 
 # layer -> (the weight's identity when packed, packed weight)
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PACK_ROWS = 1024  # the row count oneDNN picks the blocked layout for; it serves other counts too
+
+
+def pack_linear_weight(weight: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """A bf16 (out, in) linear weight in oneDNN's blocked layout, for ``_linear_pointwise``: the kernel then
+    skips reordering it on every call. ``rows`` is the row count the layout is chosen for; it serves other
+    counts too. Needs :func:`fusion_available`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
 def packed_weight(layer: nn.Linear) -> torch.Tensor:
-    """``layer.weight`` in oneDNN's blocked layout for ``_linear_pointwise``, made once and kept beside the
-    layer (not in it: ``state_dict`` and copies of the model do not see it). It is made again whenever the
-    weight is another tensor or torch counted an in-place change to it (``copy_``, ``load_state_dict``).
-    Writes through ``weight.data`` are not counted: call :func:`forget_packed_weights` after those. Where
-    this torch build cannot pack, the plain weight is returned."""
+    """``layer.weight`` packed (:func:`pack_linear_weight`), made once and kept beside the layer (not in it:
+    ``state_dict`` and copies of the model do not see it). It is made again whenever the weight is another
+    tensor or torch counted an in-place change to it (``copy_``, ``load_state_dict``). Writes through
+    ``weight.data`` are not counted: call :func:`forget_packed_weights` after those."""
     weight = layer.weight
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return weight
     key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
     cached = _PACKED.get(layer)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS))
+        cached = (key, pack_linear_weight(weight))
         _PACKED[layer] = cached
     return cached[1]
 
