@@ -7,7 +7,8 @@ Each line is the best of repeated calls, in bf16, with malloc keeping freed memo
 - SigLIP's ``fc1`` alone and with GELU inside it (tanh, as the model uses; erf for comparison) or after it;
 - SmolLM2's ``down_proj`` (1536 -> 576) across row counts, on 1 and 2 threads;
 - attention at SigLIP's shape (16 frames x 12 heads x 1024 tokens x 64) as the model calls it, contiguous,
-  one frame at a time, and the question pass's short masked attention;
+  one frame at a time, its two products alone in flash-sized blocks (no softmax: a bound for any attention
+  kernel built on these products), and the question pass's short masked attention;
 - RMSNorm: the eager module's passes, ``F.rms_norm``, and LayerNorm's native kernel for scale.
 
     .venv/bin/python bench/kernels.py [--only linear,gelu,down,attention,norm]
@@ -107,6 +108,17 @@ def attention_lines() -> None:
     print(f"  contiguous                {gflop / best_ms(lambda: sdpa(qc, kc, vc), 5) * 1e3:5.0f}")
     one_by_one = best_ms(lambda: [sdpa(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(frames)], 5)
     print(f"  one frame at a time       {gflop / one_by_one * 1e3:5.0f}")
+    blocks = 24  # 128-query blocks, as a flash kernel tiles them: Q K^T and P V without the softmax between
+    qb, kt, p, vb = (
+        rand(blocks, 128, dim),
+        rand(blocks, dim, tokens),
+        rand(blocks, 128, tokens),
+        rand(blocks, tokens, dim),
+    )
+    products = best_ms(lambda: (torch.bmm(qb, kt), torch.bmm(p, vb)))
+    print(
+        f"  its two products alone    {4 * blocks * 128 * tokens * dim / 1e9 / products * 1e3:5.0f}  (128-query blocks, no softmax)"
+    )
     rows, width, cached = 70, 14, 58  # the builtin's question pass: 14 windows x 5 questions
     q = rand(rows, width, 9, dim).transpose(1, 2)
     k, v = (rand(rows, cached, 3, dim).transpose(1, 2) for _ in range(2))
