@@ -88,13 +88,18 @@ def test_tokens_every_query_starts_with_run_once_per_video(tiny_model):
         for candidates in (["y", "n"], ["yes", "no"]):  # single-token and multi-token paths
             widths.clear()
             cached = tiny_model.score(video, queries, candidates)
-            (_, prefix_len), (_, width) = widths  # the prefix pass, then the question pass
+            (_, prefix_len), (rows, width) = widths  # the prefix pass, then the question pass
             naive = tiny_model.score_naive(video, queries, candidates)
             torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
             head = len(tiny_model.text_ids(tiny_model.prompt_head))
             assert prefix_len == head + video.shape[1] + shared
-            longest = max(len(c) for c in candidates) if candidates[0] == "yes" else 0
-            assert width == max(len(q) for q in q_ids) - shared + longest
+            # every continuation once, side by side in one row per video: no copy of the prefix per query
+            assert rows == video.shape[0]
+            if candidates[0] == "yes":  # multi-token: one continuation per (query, candidate)
+                c_lens = [len(tiny_model.text_ids(c)) for c in candidates]
+                assert width == sum(len(q) - shared + c for q in q_ids for c in c_lens)
+            else:
+                assert width == sum(len(q) - shared for q in q_ids)
     finally:
         hook.remove()
     # one query: all but its last token join the prefix

@@ -325,56 +325,75 @@ class STLLM(nn.Module):
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
         The video + prompt head, and the tokens every query starts with ("Does this clip show"), are computed
-        once per video (KV cache); every (query, candidate) continuation then runs as one batch over the
-        expanded cache. Candidates that are single tokens (the yes/no case) are read off the query's last
-        position, so that case needs one row per query, not per candidate. ``shared_start=False`` runs
-        every query from its first token instead (same result; for benchmarks).
+        once per video (KV cache). Every (query, candidate) continuation then follows that cache once, all of
+        them side by side in one sequence per video, each attending to the prefix and to itself only (a
+        block mask; positions restart after the prefix for each): the cache is neither copied per query nor
+        padded. Candidates that are single tokens (the yes/no case) are read off the query's last position,
+        so that case needs one continuation per query, not per candidate. ``shared_start=False`` runs every
+        query from its first token instead (same result; for benchmarks).
         """
         b = video.shape[0]
         q_ids = [self.question_ids(q, answer_prefix) for q in queries]
         c_ids = [self.text_ids(c) for c in candidates]
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("every query needs at least one token")
+        if any(len(c) == 0 for c in c_ids):
+            raise ValueError("every candidate needs at least one token")
         # the shared start goes into the prefix; each query keeps at least its last token, where scoring reads
         shared = min(len(os.path.commonprefix(q_ids)), min(len(q) for q in q_ids) - 1) if shared_start else 0
         cache, _, plen = self.prefix(video, q_ids[0][:shared])
         q_ids = [q[shared:] for q in q_ids]
         single = all(len(c) == 1 for c in c_ids)
-        rows = [q for q in q_ids] if single else [q + c for q in q_ids for c in c_ids]
-        n = len(rows)
-        cache.batch_repeat_interleave(n)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((b * n, width), pad, dtype=torch.long)
-        mask = torch.zeros(b * n, plen + width, dtype=torch.long)
-        mask[:, :plen] = 1
-        for i, r in enumerate(rows * b):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, plen : plen + len(r)] = 1
-        positions = (plen + torch.arange(width)).unsqueeze(0).expand(b * n, -1)
+        rows = list(q_ids) if single else [q + c for q in q_ids for c in c_ids]
+        ids, positions, mask = self._side_by_side(rows, plen)
         with self.autocast():
             out = self.lm(
-                inputs_embeds=self.embed(ids),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
+                inputs_embeds=self.embed(ids).expand(b, -1, -1),
+                attention_mask=mask.to(self.device).expand(b, -1, -1, -1),
+                position_ids=positions.to(self.device).expand(b, -1),
                 cache=cache,
                 use_cache=True,
             )
-        hidden = out.last_hidden_state  # (b*n, width, D)
+        hidden = out.last_hidden_state  # (b, total row tokens, D)
+        starts = [0]
+        for r in rows:
+            starts.append(starts[-1] + len(r))
         if single:
-            last = torch.tensor([len(q) - 1 for q in q_ids] * b)
-            h = hidden[torch.arange(b * n), last.to(hidden.device)]
-            logp = self.backbone.lm_head(h).float().log_softmax(-1)  # (b*n, V)
+            last = torch.tensor([starts[i] + len(q) - 1 for i, q in enumerate(q_ids)], device=hidden.device)
+            logp = self.backbone.lm_head(hidden[:, last]).float().log_softmax(-1)  # (b, Q, V)
             cand = torch.tensor([c[0] for c in c_ids], device=logp.device)
-            return logp[:, cand].view(b, len(queries), len(candidates)).cpu()
-        # Multi-token candidates: row (q, c) scores c's tokens at positions len(q)-1 .. len(q)+len(c)-2.
-        scores = torch.zeros(b * n)
-        for i in range(b * n):
-            qi, ci = divmod(i % n, len(c_ids))
-            start, c = len(q_ids[qi]) - 1, c_ids[ci]
-            logp = self.backbone.lm_head(hidden[i, start : start + len(c)]).float().log_softmax(-1)
-            scores[i] = logp.gather(1, torch.tensor(c, device=logp.device).unsqueeze(1)).sum()
-        return scores.view(b, len(queries), len(candidates))
+            return logp[..., cand].cpu()
+        # Multi-token candidates: row (q, c) scores c's tokens, each read off the position before it.
+        read, target, owner = [], [], []
+        for i, row in enumerate(rows):
+            q, c = q_ids[i // len(c_ids)], c_ids[i % len(c_ids)]
+            read += range(starts[i] + len(q) - 1, starts[i] + len(row) - 1)
+            target += c
+            owner += [i] * len(c)
+        logp = (
+            self.backbone.lm_head(hidden[:, torch.tensor(read, device=hidden.device)]).float().log_softmax(-1)
+        )
+        picked = logp.gather(2, torch.tensor(target, device=logp.device).expand(b, -1).unsqueeze(2))[..., 0]
+        scores = torch.zeros(b, len(rows), device=logp.device).index_add_(
+            1, torch.tensor(owner, device=logp.device), picked
+        )
+        return scores.view(b, len(queries), len(candidates)).cpu()
+
+    def _side_by_side(self, rows: list[list[int]], plen: int) -> tuple[torch.Tensor, ...]:
+        """Token ids (1, T), position ids (1, T) and additive attention mask (1, 1, T, plen + T) that run
+        ``rows`` (token id lists that each continue the same cached prefix of ``plen`` tokens) as one
+        sequence: every row sees the whole prefix and its own earlier tokens, never another row's."""
+        ids = torch.tensor([[t for r in rows for t in r]], dtype=torch.long)
+        row_of = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rows)])
+        positions = plen + torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)
+        own = torch.ones(len(row_of), len(row_of), dtype=torch.bool).tril() & (
+            row_of[:, None] == row_of[None, :]
+        )
+        seen = torch.cat([torch.ones(len(row_of), plen, dtype=torch.bool), own], 1)
+        # additive, in the dtype attention runs in: SDPA and eager attention both take it
+        blocked = torch.finfo(self.compute_dtype).min
+        mask = torch.zeros(seen.shape, dtype=self.compute_dtype).masked_fill_(~seen, blocked)
+        return ids, positions, mask[None, None]
 
     @torch.inference_mode()
     def score_naive(
