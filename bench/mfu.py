@@ -97,8 +97,12 @@ def replay_seconds(calls: list[tuple], repeat: int = 5) -> float:
 
     def make(a):
         if isinstance(a, tuple) and a and a[0] == "tensor":
-            t = torch.empty_strided(a[1], a[2], dtype=a[3])
-            return t.normal_() if t.is_floating_point() else t.fill_(True)
+            shape, stride, dtype = a[1:]
+            # storage filled first: a layout may repeat elements (a mask expanded over the batch)
+            size = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) if all(shape) else 0
+            base = torch.empty(size, dtype=dtype)
+            base = base.normal_() if base.is_floating_point() else base.fill_(True)
+            return base.as_strided(shape, stride)
         return a
 
     total = 0.0
