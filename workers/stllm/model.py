@@ -348,7 +348,7 @@ class STLLM(nn.Module):
         ids, positions, mask = self._side_by_side(rows, plen)
         with self.autocast():
             out = self.lm(
-                inputs_embeds=self.embed(ids).expand(b, -1, -1),
+                inputs_embeds=self.embed(ids.expand(b, -1)),
                 attention_mask=mask.to(self.device).expand(b, -1, -1, -1),
                 position_ids=positions.to(self.device).expand(b, -1),
                 cache=cache,
