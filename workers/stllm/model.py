@@ -14,6 +14,7 @@ The four method pieces are the short named functions below: ``fuse_global_local`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -355,9 +356,7 @@ class STLLM(nn.Module):
                 use_cache=True,
             )
         hidden = out.last_hidden_state  # (b, total row tokens, D)
-        starts = [0]
-        for r in rows:
-            starts.append(starts[-1] + len(r))
+        starts = list(itertools.accumulate(map(len, rows), initial=0))  # where each row begins
         if single:
             last = torch.tensor([starts[i] + len(q) - 1 for i, q in enumerate(q_ids)], device=hidden.device)
             logp = self.backbone.lm_head(hidden[:, last]).float().log_softmax(-1)  # (b, Q, V)
