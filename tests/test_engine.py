@@ -248,6 +248,42 @@ def test_fused_cpu_kernels_match_the_eager_bf16_path_and_keep_parameters(tmp_pat
     assert all(torch.equal(eager_state[k], fused_state[k]) for k in eager_state)
 
 
+def test_tanh_gelu_computed_exactly_in_bf16_stays_as_close_to_the_fp32_model(monkeypatch):
+    """A SigLIP MLP (tanh-form GELU) fused for bf16 computes exact GELU inside fc1 (the cheaper post-op):
+    its outputs are as close to the fp32 model's (tanh form, eager) as the fused tanh post-op's are."""
+    import copy
+
+    import pytest
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+    from workers.stllm.fused import fuse_linear_layers, fusion_available, gelu_algorithm
+
+    if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this torch build has no oneDNN fused linear kernel")
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=128, intermediate_size=512, hidden_act="gelu_pytorch_tanh")
+    reference = SiglipMLP(config).eval()
+    for p in reference.parameters():  # pre-activations of std ~2: both GELU forms' differences show
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(4096, 128)
+    with torch.inference_mode():
+        expected = reference(x)
+
+    def error(exact_gelu: str) -> float:
+        monkeypatch.setenv("STLLM_EXACT_GELU", exact_gelu)
+        fused = copy.deepcopy(reference).to(torch.bfloat16)
+        assert fuse_linear_layers(fused) > 0
+        with torch.inference_mode():
+            out = fused(x.to(torch.bfloat16)).float()
+        return ((out - expected).norm() / expected.norm()).item()
+
+    assert gelu_algorithm(True) == "none" and gelu_algorithm(False) == "none"
+    exact, tanh = error("1"), error("0")
+    assert 0 < exact < 0.01 and 0 < tanh < 0.01
+    assert exact <= 1.05 * tanh
+
+
 def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
     """The fused layers' weights in oneDNN's layout are made on first use, reused, and made again when the
     weight is replaced or changed in place (load_state_dict), so a layer never computes with stale weights."""

@@ -8,7 +8,8 @@ cache (``torch.ops.mkldnn._linear_pointwise``, the kernel torch.compile uses on 
 switches a model's layers to it in place:
 
 - every plain ``nn.Linear``: bias inside the product;
-- MLPs ``fc2(act(fc1(x)))`` with a GELU (ViT/SigLIP vision towers): GELU inside ``fc1``;
+- MLPs ``fc2(act(fc1(x)))`` with a GELU (ViT/SigLIP vision towers): GELU inside ``fc1`` (the tanh form
+  computed as exact GELU: see :func:`gelu_algorithm`);
 - gated MLPs ``down(silu(gate(x)) * up(x))`` (Llama family decoders): SiLU inside ``gate``, the product
   with it inside ``up``.
 
@@ -34,14 +35,29 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# activation classes (by name: torch's and transformers') -> oneDNN's post-op and its algorithm
-_GELU = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation": "tanh", "GELUActivation": "none"}
+# activation classes (by name: torch's and transformers') -> whether the model's GELU is the tanh form
+_GELU = {"GELUTanh": True, "PytorchGELUTanh": True, "NewGELUActivation": True, "GELUActivation": False}
 _SILU = {"SiLU", "SiLUActivation"}
 
 
 def _onednn_switched_on() -> bool:
     """oneDNN's fused kernels are built in and not turned off (``STLLM_FUSED_LINEAR=0``)."""
     return os.environ.get("STLLM_FUSED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
+def gelu_algorithm(tanh_form: bool) -> str:
+    """oneDNN's GELU algorithm for a model's GELU inside a bf16 product: ``"none"`` (exact, erf) for both forms
+    unless ``STLLM_EXACT_GELU=0``.
+
+    The tanh form is an approximation of exact GELU, made for speed on GPUs. The two differ by at most
+    4.7e-4 (at x = -2.70, where bf16 itself rounds the product's output to steps of 0.016). On a CPU,
+    oneDNN's tanh post-op costs 80-95% of SigLIP's ``fc1`` product itself, erf ~25% (bench/kernels.py):
+    8% of a SigLIP tower's time. The tower's features stay as close to the fp32 model's (tanh) as with the
+    tanh post-op (tests/test_engine.py). fp32 and autograd keep the model's own function.
+    """
+    if tanh_form and os.environ.get("STLLM_EXACT_GELU", "1") == "0":
+        return "tanh"
+    return "none"
 
 
 def fusion_available(weight: torch.Tensor) -> bool:
@@ -120,7 +136,8 @@ class FusedLinear(nn.Linear):
 
 def _gelu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if _fusable(x, self.fc1):
-        return self.fc2(_pointwise(x, self.fc1, "gelu", _GELU[type(self.activation_fn).__name__]))
+        algorithm = gelu_algorithm(_GELU[type(self.activation_fn).__name__])
+        return self.fc2(_pointwise(x, self.fc1, "gelu", algorithm))
     return self.fc2(self.activation_fn(self.fc1(x)))
 
 
