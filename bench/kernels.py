@@ -4,7 +4,8 @@ Each line is the best of repeated calls, in bf16, with malloc keeping freed memo
 
 - the oneDNN linear kernel with the plain weight and with the weight packed once (as serving runs it), at
   SmolLM2-135M's and SigLIP-B's shapes, and the output head;
-- SigLIP's ``fc1`` alone and with GELU inside it (tanh, as the model uses; erf for comparison) or after it;
+- SigLIP's ``fc1`` alone and with GELU inside it (the model's tanh form; exact, erf, as bf16 serving
+  computes it) or after it;
 - SmolLM2's ``down_proj`` (1536 -> 576) across row counts, on 1 and 2 threads;
 - attention at SigLIP's shape (16 frames x 12 heads x 1024 tokens x 64) as the model calls it, contiguous,
   one frame at a time, its two products alone in flash-sized blocks (no softmax: a bound for any attention
@@ -75,8 +76,8 @@ def gelu_lines() -> None:
     w = pack_linear_weight(w)
     print("SigLIP fc1, 2048 x 768 -> 3072, and its GELU:")
     print(f"  product alone                 {best_ms(lambda: linear(x, w)):6.2f} ms")
-    print(f"  tanh-GELU inside (the model)  {best_ms(lambda: linear(x, w, 'gelu', 'tanh')):6.2f} ms")
-    print(f"  erf-GELU inside               {best_ms(lambda: linear(x, w, 'gelu', 'none')):6.2f} ms")
+    print(f"  tanh-GELU inside              {best_ms(lambda: linear(x, w, 'gelu', 'tanh')):6.2f} ms")
+    print(f"  erf-GELU inside (served)      {best_ms(lambda: linear(x, w, 'gelu', 'none')):6.2f} ms")
     after = best_ms(lambda: F.gelu(linear(x, w), approximate="tanh"))
     print(f"  tanh-GELU as a separate pass  {after:6.2f} ms")
 
