@@ -49,10 +49,10 @@ def gelu_algorithm(tanh_form: bool) -> str:
     """oneDNN's GELU algorithm for a model's GELU inside a bf16 product: ``"none"`` (exact, erf) for both forms
     unless ``STLLM_EXACT_GELU=0``.
 
-    The tanh form is an approximation of exact GELU, made for speed on GPUs. The two differ by at most
+    The tanh form is a fast approximation of exact GELU. The two differ by at most
     4.7e-4 (at x = -2.70, where bf16 itself rounds the product's output to steps of 0.016). On a CPU,
-    oneDNN's tanh post-op costs 80-95% of SigLIP's ``fc1`` product itself, erf ~25% (bench/kernels.py):
-    8% of a SigLIP tower's time. The tower's features stay as close to the fp32 model's (tanh) as with the
+    oneDNN's tanh post-op costs 80-95% of SigLIP's ``fc1`` product itself, erf 25-42% (bench/kernels.py):
+    5-8% of a SigLIP tower's time. The tower's features stay as close to the fp32 model's (tanh) as with the
     tanh post-op (tests/test_engine.py). fp32 and autograd keep the model's own function.
     """
     if tanh_form and os.environ.get("STLLM_EXACT_GELU", "1") == "0":
