@@ -73,7 +73,8 @@ def test_cached_scoring_equals_naive_scoring(tiny_model):
 
 
 def test_tokens_every_query_starts_with_run_once_per_video(tiny_model):
-    """'Does this clip show' is forwarded with the video's prefix, not once per question."""
+    """One forward pass per batch: the video's prefix and 'Does this clip show' once per video, then every
+    continuation side by side in the same row, not a copy of the prefix per query."""
     torch.manual_seed(4)
     video = tiny_model.video_tokens(torch.randn(2, 3, 4, 32))
     queries = ["Does this clip show a jam?", "Does this clip show a hand?"]
@@ -88,18 +89,17 @@ def test_tokens_every_query_starts_with_run_once_per_video(tiny_model):
         for candidates in (["y", "n"], ["yes", "no"]):  # single-token and multi-token paths
             widths.clear()
             cached = tiny_model.score(video, queries, candidates)
-            (_, prefix_len), (rows, width) = widths  # the prefix pass, then the question pass
+            ((rows, width),) = widths  # one pass
             naive = tiny_model.score_naive(video, queries, candidates)
             torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
-            head = len(tiny_model.text_ids(tiny_model.prompt_head))
-            assert prefix_len == head + video.shape[1] + shared
+            prefix = len(tiny_model.text_ids(tiny_model.prompt_head)) + video.shape[1] + shared
             # every continuation once, side by side in one row per video: no copy of the prefix per query
             assert rows == video.shape[0]
             if candidates[0] == "yes":  # multi-token: one continuation per (query, candidate)
                 c_lens = [len(tiny_model.text_ids(c)) for c in candidates]
-                assert width == sum(len(q) - shared + c for q in q_ids for c in c_lens)
+                assert width == prefix + sum(len(q) - shared + c for q in q_ids for c in c_lens)
             else:
-                assert width == sum(len(q) - shared for q in q_ids)
+                assert width == prefix + sum(len(q) - shared for q in q_ids)
     finally:
         hook.remove()
     # one query: all but its last token join the prefix

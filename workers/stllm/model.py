@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -300,19 +300,15 @@ class STLLM(nn.Module):
         return self.embed(ids)
 
     @torch.inference_mode()
-    def prefix(self, video: torch.Tensor, after: Sequence[int] = ()):
-        """Forward the shared prefix (chat header + video, then the token ids ``after``, e.g. the start that
-        every question shares) once. Returns (cache, last-position log-probs (B, V), prefix length)."""
+    def prefix(self, video: torch.Tensor) -> tuple[Any, int]:
+        """Forward the chat header + video once, keeping the KV cache for tokens that follow it.
+        Returns (cache, prefix length)."""
         b = video.shape[0]
         with self.autocast():
             inputs = video.to(self.device)
-            parts = [self._head_embeds(b).to(inputs.dtype), inputs]
-            if after:
-                parts.append(self.embed(torch.tensor([list(after)] * b, dtype=torch.long)).to(inputs.dtype))
-            inputs = torch.cat(parts, 1)
+            inputs = torch.cat([self._head_embeds(b).to(inputs.dtype), inputs], 1)
             out = self.lm(inputs_embeds=inputs, use_cache=True)
-            last = self.backbone.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
-        return out.cache, last, inputs.shape[1]
+        return out.cache, inputs.shape[1]
 
     @torch.inference_mode()
     def score(
@@ -325,13 +321,13 @@ class STLLM(nn.Module):
     ) -> torch.Tensor:
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
-        The video + prompt head, and the tokens every query starts with ("Does this clip show"), are computed
-        once per video (KV cache). Every (query, candidate) continuation then follows that cache once, all of
-        them side by side in one sequence per video, each attending to the prefix and to itself only (a
-        block mask; positions restart after the prefix for each): the cache is neither copied per query nor
-        padded. Candidates that are single tokens (the yes/no case) are read off the query's last position,
-        so that case needs one continuation per query, not per candidate. ``shared_start=False`` runs every
-        query from its first token instead (same result; for benchmarks).
+        One forward pass per batch. The video + prompt head, and the tokens every query starts with ("Does
+        this clip show"), come once per video; every (query, candidate) continuation follows them in the same
+        sequence, side by side, each attending to that prefix and to itself only (a block mask; positions
+        restart after the prefix for each). So the prefix is computed once, and no KV cache is copied per
+        query, padded, or kept. Candidates that are single tokens (the yes/no case) are read off the query's
+        last position, so that case needs one continuation per query, not per candidate.
+        ``shared_start=False`` runs every query from its first token instead (same result; for benchmarks).
         """
         b = video.shape[0]
         q_ids = [self.question_ids(q, answer_prefix) for q in queries]
@@ -342,20 +338,22 @@ class STLLM(nn.Module):
             raise ValueError("every candidate needs at least one token")
         # the shared start goes into the prefix; each query keeps at least its last token, where scoring reads
         shared = min(len(os.path.commonprefix(q_ids)), min(len(q) for q in q_ids) - 1) if shared_start else 0
-        cache, _, plen = self.prefix(video, q_ids[0][:shared])
-        q_ids = [q[shared:] for q in q_ids]
+        after, q_ids = q_ids[0][:shared], [q[shared:] for q in q_ids]
         single = all(len(c) == 1 for c in c_ids)
         rows = list(q_ids) if single else [q + c for q in q_ids for c in c_ids]
-        ids, positions, mask = self._side_by_side(rows, plen)
         with self.autocast():
+            inputs = video.to(self.device)
+            head = self._head_embeds(b).to(inputs.dtype)
+            plen = head.shape[1] + inputs.shape[1] + len(after)
+            ids, positions, mask = self._side_by_side(rows, plen)
+            text = self.embed(torch.cat([torch.tensor([after], dtype=torch.long).view(1, -1), ids], 1))
             out = self.lm(
-                inputs_embeds=self.embed(ids.expand(b, -1)),
+                inputs_embeds=torch.cat([head, inputs, text.to(inputs.dtype).expand(b, -1, -1)], 1),
                 attention_mask=mask.to(self.device).expand(b, -1, -1, -1),
                 position_ids=positions.to(self.device).expand(b, -1),
-                cache=cache,
-                use_cache=True,
+                use_cache=False,
             )
-        hidden = out.last_hidden_state  # (b, total row tokens, D)
+        hidden = out.last_hidden_state[:, plen:]  # (b, total row tokens, D)
         starts = list(itertools.accumulate(map(len, rows), initial=0))  # where each row begins
         if single:
             last = torch.tensor([starts[i] + len(q) - 1 for i, q in enumerate(q_ids)], device=hidden.device)
@@ -379,20 +377,21 @@ class STLLM(nn.Module):
         return scores.view(b, len(queries), len(candidates)).cpu()
 
     def _side_by_side(self, rows: list[list[int]], plen: int) -> tuple[torch.Tensor, ...]:
-        """Token ids (1, T), position ids (1, T) and additive attention mask (1, 1, T, plen + T) that run
-        ``rows`` (token id lists that each continue the same cached prefix of ``plen`` tokens) as one
-        sequence: every row sees the whole prefix and its own earlier tokens, never another row's."""
+        """Token ids (1, R) of ``rows`` (token id lists that each continue the same prefix of ``plen``
+        tokens) laid end to end, and the position ids (1, plen + R) and additive attention mask
+        (1, 1, plen + R, plen + R) that run prefix and rows as one sequence: the prefix is causal; every row
+        sees the whole prefix and its own earlier tokens, never another row's, its positions restarting
+        where the prefix ends."""
         ids = torch.tensor([[t for r in rows for t in r]], dtype=torch.long)
-        row_of = torch.cat([torch.full((len(r),), i) for i, r in enumerate(rows)])
-        positions = plen + torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)
-        own = torch.ones(len(row_of), len(row_of), dtype=torch.bool).tril() & (
-            row_of[:, None] == row_of[None, :]
+        owner = torch.cat([torch.full((plen,), -1)] + [torch.full((len(r),), i) for i, r in enumerate(rows)])
+        positions = torch.cat([torch.arange(plen)] + [plen + torch.arange(len(r)) for r in rows])
+        seen = torch.ones(len(owner), len(owner), dtype=torch.bool).tril() & (
+            (owner[None, :] == -1) | (owner[:, None] == owner[None, :])
         )
-        seen = torch.cat([torch.ones(len(row_of), plen, dtype=torch.bool), own], 1)
         # additive, in the dtype attention runs in: SDPA and eager attention both take it
         blocked = torch.finfo(self.compute_dtype).min
         mask = torch.zeros(seen.shape, dtype=self.compute_dtype).masked_fill_(~seen, blocked)
-        return ids, positions, mask[None, None]
+        return ids, positions[None], mask[None, None]
 
     @torch.inference_mode()
     def score_naive(
@@ -426,7 +425,7 @@ class STLLM(nn.Module):
         """Greedy free-text answers to ``question`` for each video in the batch (B, L, D), continuing
         ``answer_prefix`` (not repeated in the answer)."""
         b = video.shape[0]
-        cache, _, plen = self.prefix(video)
+        cache, plen = self.prefix(video)
         q = torch.tensor([self.question_ids(question, answer_prefix)] * b)
         eos = self.tokenizer.eos_token_id
         done = torch.zeros(b, dtype=torch.bool)
