@@ -1,5 +1,5 @@
 """Engine figures: visual tokens with and without global-local, training step time with masking+MVM /
-masking only / no masking, cached vs naive scoring of 8 candidates, and the label questions' shared start
+masking only / no masking, shared-prefix vs naive scoring of 8 candidates, and the label questions' shared start
 forwarded once per window vs once per question.
 
     .venv/bin/python bench/engine.py [--skip-builtin]
@@ -82,12 +82,12 @@ def bench_scoring(model, name: str, feat_dim: int, k: int, repeat: int) -> None:
     video = model.video_tokens(feats, feats)
     candidates = ["A", "B", "C", "D", "E", "F", "G", "H"]
     q = ["Which option is right? Only give the best option."]
-    cached = timed(lambda: model.score(video, q, candidates), repeat)
+    shared = timed(lambda: model.score(video, q, candidates), repeat)
     naive = timed(lambda: model.score_naive(video, q, candidates), repeat)
     diff = (model.score(video, q, candidates) - model.score_naive(video, q, candidates)).abs().max().item()
     print(
-        f"  {name:<8} 8 candidates after {video.shape[1]} video tokens: cached {cached * 1000:7.1f} ms, "
-        f"naive {naive * 1000:7.1f} ms, speed-up {naive / cached:4.1f}x, max |diff| {diff:.1e}"
+        f"  {name:<8} 8 candidates after {video.shape[1]} video tokens: shared prefix {shared * 1000:7.1f} ms, "
+        f"naive {naive * 1000:7.1f} ms, speed-up {naive / shared:4.1f}x, max |diff| {diff:.1e}"
     )
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     for name, model, feat_dim in models:
         k = model.backbone.tokens_per_frame
         model.video_tokens(torch.randn(1, 16, k, feat_dim), torch.randn(1, 64, k, feat_dim))  # shape check
-        print(f"\ncached vs naive scoring ({name}, compute {str(model.compute_dtype).split('.')[-1]})")
+        print(f"\nshared-prefix vs naive scoring ({name}, compute {str(model.compute_dtype).split('.')[-1]})")
         bench_scoring(model, name, feat_dim, k, args.repeat)
         bench_label_questions(model, name, feat_dim, k, args.repeat)
         print(f"\ntraining step, batch 4, frozen-encoder features cached ({name})")

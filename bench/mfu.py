@@ -1,7 +1,8 @@
 """The engine against this machine's limit: matrix-multiply peak (large GEMM, bf16 and fp32), then the FLOPs
 the engine achieves in batched pre-label inference (vision encoder + LLM prefill and scoring) as a share of
 the peak of the dtype it computes in (MFU). FLOPs are counted by torch's FlopCounterMode on the same call
-that is then timed without it.
+that is then timed without it; attention scores that a mask blocks (causal, or the block mask that runs the
+label questions side by side) are the kernel's waste, not the model's work, and are left out.
 
 A second block puts the MFU in context: the ceiling it could reach if every FLOP outside attention ran at the
 GEMM peak and nothing else took time, with attention as fast as this CPU's attention kernel runs the engine's
@@ -72,13 +73,24 @@ ATTENTION_OPS = {  # the composite op too: under inference_mode a dispatch mode 
 }
 
 
+def blocked_flops(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """FLOPs an attention call spends on scores its mask blocks (4 per score: Q K^T and P V, as torch counts
+    attention), which the kernel computes and throws away: not the model's work, so not counted."""
+    if mask is None:
+        return 0.0
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    return 4.0 * q.shape[-1] * scores * (1.0 - allowed.float().mean().item())
+
+
 class AttentionCalls(TorchDispatchMode):
     """Records every attention kernel call's arguments as shapes (tensors replaced by their layout), so the
-    same calls can be replayed on their own."""
+    same calls can be replayed on their own, and the FLOPs their masks block."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple] = []
+        self.blocked = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,6 +99,10 @@ class AttentionCalls(TorchDispatchMode):
             self.calls.append(
                 (func, tuple(map(layout, args)), tuple((k, layout(v)) for k, v in kwargs.items()))
             )
+            # the composite op takes the mask 4th; the kernels take it by keyword
+            composite = func.overloadpacket is torch.ops.aten.scaled_dot_product_attention
+            mask = args[3] if composite and len(args) > 3 else kwargs.get("attn_mask")
+            self.blocked += blocked_flops(args[0], args[1], mask if isinstance(mask, torch.Tensor) else None)
         return func(*args, **kwargs)
 
 
@@ -113,11 +129,13 @@ def replay_seconds(calls: list[tuple], repeat: int = 5) -> float:
 
 
 def counted(fn) -> tuple[float, float, list[tuple]]:
-    """FLOPs of one call of ``fn``: (all, attention's), and its attention calls."""
+    """FLOPs of one call of ``fn``: (all, attention's), and its attention calls. Attention scores that a mask
+    blocks are left out (causal calls without a mask are halved by ``register_flop_counts``)."""
     with FlopCounterMode(display=False) as counter, AttentionCalls() as attention:
         fn()
     by_op = counter.get_flop_counts().get("Global", {})
-    return counter.get_total_flops(), sum(by_op.get(op, 0) for op in ATTENTION_OPS), attention.calls
+    attention_flops = sum(by_op.get(op, 0) for op in ATTENTION_OPS)
+    return counter.get_total_flops() - attention.blocked, attention_flops - attention.blocked, attention.calls
 
 
 def main() -> None:
