@@ -72,34 +72,43 @@ def test_cached_scoring_equals_naive_scoring(tiny_model):
         torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
 
 
-def test_tokens_every_query_starts_with_run_once_per_video(tiny_model):
-    """One forward pass per batch: the video's prefix and 'Does this clip show' once per video, then every
-    continuation side by side in the same row, not a copy of the prefix per query."""
+def test_tokens_every_query_starts_with_run_once_per_video(tiny_model, monkeypatch):
+    """The video's prefix and 'Does this clip show' run once per video, then every continuation side by
+    side in one row per video, not a copy of the prefix per query: in the same forward pass for a short
+    prefix, over the prefix's cache for a long one."""
+    import workers.stllm.model as model_module
+
     torch.manual_seed(4)
     video = tiny_model.video_tokens(torch.randn(2, 3, 4, 32))
     queries = ["Does this clip show a jam?", "Does this clip show a hand?"]
     q_ids = [tiny_model.question_ids(q) for q in queries]
     shared = next(i for i, (a, b) in enumerate(zip(*q_ids, strict=False)) if a != b)
     assert shared >= len("Does this clip show a ")
+    prefix = len(tiny_model.text_ids(tiny_model.prompt_head)) + video.shape[1] + shared
+    assert prefix <= model_module.ONE_PASS_MAX_PREFIX
     widths = []
     hook = tiny_model.lm.register_forward_pre_hook(
         lambda _m, _a, kw: widths.append(kw["inputs_embeds"].shape[:2]), with_kwargs=True
     )
     try:
-        for candidates in (["y", "n"], ["yes", "no"]):  # single-token and multi-token paths
-            widths.clear()
-            cached = tiny_model.score(video, queries, candidates)
-            ((rows, width),) = widths  # one pass
-            naive = tiny_model.score_naive(video, queries, candidates)
-            torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
-            prefix = len(tiny_model.text_ids(tiny_model.prompt_head)) + video.shape[1] + shared
-            # every continuation once, side by side in one row per video: no copy of the prefix per query
-            assert rows == video.shape[0]
-            if candidates[0] == "yes":  # multi-token: one continuation per (query, candidate)
-                c_lens = [len(tiny_model.text_ids(c)) for c in candidates]
-                assert width == prefix + sum(len(q) - shared + c for q in q_ids for c in c_lens)
-            else:
-                assert width == prefix + sum(len(q) - shared for q in q_ids)
+        for one_pass in (True, False):
+            monkeypatch.setattr(model_module, "ONE_PASS_MAX_PREFIX", prefix if one_pass else prefix - 1)
+            for candidates in (["y", "n"], ["yes", "no"]):  # single-token and multi-token paths
+                widths.clear()
+                cached = tiny_model.score(video, queries, candidates)
+                passes = list(widths)
+                naive = tiny_model.score_naive(video, queries, candidates)
+                torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
+                if candidates[0] == "yes":  # multi-token: one continuation per (query, candidate)
+                    c_lens = [len(tiny_model.text_ids(c)) for c in candidates]
+                    continuations = sum(len(q) - shared + c for q in q_ids for c in c_lens)
+                else:
+                    continuations = sum(len(q) - shared for q in q_ids)
+                # every continuation once, side by side in one row per video: no copy of the prefix per query
+                if one_pass:
+                    assert passes == [(video.shape[0], prefix + continuations)]
+                else:
+                    assert passes == [(video.shape[0], prefix), (video.shape[0], continuations)]
     finally:
         hook.remove()
     # one query: all but its last token join the prefix

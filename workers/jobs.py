@@ -5,8 +5,8 @@
 
 Each video is decoded once (the frames of every window plus the global frames, by seeking), encoded
 once by the frozen vision encoder, and every window is one ST-LLM input: its own frames at full tokens
-(local) + the whole video's pooled tokens (global). All labels are scored after one shared video prefix,
-side by side in the same forward pass, windows in batches. The next video is decoded in a background thread while this one computes.
+(local) + the whole video's pooled tokens (global). All labels are scored side by side after one shared
+video prefix, windows in batches. The next video is decoded in a background thread while this one computes.
 A video that fails yields a result with ``error`` set; the others go on.
 """
 

@@ -28,6 +28,11 @@ from workers.stllm.fused import fuse_linear_layers
 from workers.stllm.video import preprocess_frames
 
 IGNORE = -100
+# Scoring runs a prefix of up to this many tokens in the same forward pass as the questions after it: fewer,
+# larger calls. Past it, the one pass's masked attention costs more than it saves (a causal prefix alone lets
+# attention skip its masked half). On a CPU the crossover was between 270 and 400 tokens at 5 questions
+# (bench/README.md, bench/engine.py section).
+ONE_PASS_MAX_PREFIX = 320
 
 
 @dataclass
@@ -321,13 +326,15 @@ class STLLM(nn.Module):
     ) -> torch.Tensor:
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
-        One forward pass per batch. The video + prompt head, and the tokens every query starts with ("Does
-        this clip show"), come once per video; every (query, candidate) continuation follows them in the same
-        sequence, side by side, each attending to that prefix and to itself only (a block mask; positions
-        restart after the prefix for each). So the prefix is computed once, and no KV cache is copied per
-        query, padded, or kept. Candidates that are single tokens (the yes/no case) are read off the query's
-        last position, so that case needs one continuation per query, not per candidate.
-        ``shared_start=False`` runs every query from its first token instead (same result; for benchmarks).
+        The video + prompt head, and the tokens every query starts with ("Does this clip show"), come once
+        per video; every (query, candidate) continuation follows them side by side in the same sequence, each
+        attending to that prefix and to itself only (a block mask; positions restart after the prefix for
+        each). So the prefix is computed once and never copied per query or padded. A prefix of up to
+        ``ONE_PASS_MAX_PREFIX`` tokens (a pre-label window) runs in one forward pass with its continuations; a
+        longer one (asking over a whole video) runs first on its own, causal, and the continuations follow
+        over its KV cache. Candidates that are single tokens (the yes/no case) are read off the query's last
+        position, so that case needs one continuation per query, not per candidate. ``shared_start=False``
+        runs every query from its first token instead (same result; for benchmarks).
         """
         b = video.shape[0]
         q_ids = [self.question_ids(q, answer_prefix) for q in queries]
@@ -343,17 +350,29 @@ class STLLM(nn.Module):
         rows = list(q_ids) if single else [q + c for q in q_ids for c in c_ids]
         with self.autocast():
             inputs = video.to(self.device)
-            head = self._head_embeds(b).to(inputs.dtype)
-            plen = head.shape[1] + inputs.shape[1] + len(after)
+            after_ids = torch.tensor([after], dtype=torch.long).view(1, -1)
+            parts = [self._head_embeds(b), inputs, self.embed(after_ids).expand(b, -1, -1)]
+            prefix = torch.cat([part.to(inputs.dtype) for part in parts], 1)
+            plen = prefix.shape[1]
             ids, positions, mask = self._side_by_side(rows, plen)
-            text = self.embed(torch.cat([torch.tensor([after], dtype=torch.long).view(1, -1), ids], 1))
-            out = self.lm(
-                inputs_embeds=torch.cat([head, inputs, text.to(inputs.dtype).expand(b, -1, -1)], 1),
-                attention_mask=mask.to(self.device).expand(b, -1, -1, -1),
-                position_ids=positions.to(self.device).expand(b, -1),
-                use_cache=False,
-            )
-        hidden = out.last_hidden_state[:, plen:]  # (b, total row tokens, D)
+            text = self.embed(ids).to(inputs.dtype).expand(b, -1, -1)
+            mask, positions = mask.to(self.device), positions.to(self.device)
+            if plen <= ONE_PASS_MAX_PREFIX:
+                hidden = self.lm(
+                    inputs_embeds=torch.cat([prefix, text], 1),
+                    attention_mask=mask.expand(b, -1, -1, -1),
+                    position_ids=positions.expand(b, -1),
+                    use_cache=False,
+                ).last_hidden_state[:, plen:]
+            else:  # the prefix alone first (causal: attention skips its masked half), the rows over its cache
+                cache = self.lm(inputs_embeds=prefix, use_cache=True).cache
+                hidden = self.lm(
+                    inputs_embeds=text,
+                    attention_mask=mask[:, :, plen:].expand(b, -1, -1, -1),
+                    position_ids=positions[:, plen:].expand(b, -1),
+                    cache=cache,
+                    use_cache=True,
+                ).last_hidden_state
         starts = list(itertools.accumulate(map(len, rows), initial=0))  # where each row begins
         if single:
             last = torch.tensor([starts[i] + len(q) - 1 for i, q in enumerate(q_ids)], device=hidden.device)
