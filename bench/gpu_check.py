@@ -100,7 +100,8 @@ def build(values: dict, directory: Path) -> dict:
 
 def attention_flops(q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
     """FLOPs of attention with grouped K/V heads (torch's own count asserts equal heads): QK^T and PV over
-    every query head, not discounted for causal masks (torch's convention)."""
+    every query head, not discounted for ``is_causal`` (torch's convention; pre-labeling's scoring passes a
+    mask instead, and the scores a mask blocks are taken off: bench/mfu.py's ``AttentionCalls``)."""
     b, heads, q_len, d = q_shape
     return 2 * b * heads * q_len * k_shape[-2] * (d + v_shape[-1])
 
@@ -221,14 +222,19 @@ def main() -> None:
         for v in videos[:n_mfu]
     ]
     questions = [x.question() for x in labels]
-    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+    from mfu import AttentionCalls
+
+    with (
+        FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter,
+        AttentionCalls() as attention,
+    ):
         window_probabilities_many(model, ds, questions, settings.window_batch)
     sync(device)
     t = time.perf_counter()
     window_probabilities_many(model, ds, questions, settings.window_batch)
     sync(device)
     one = time.perf_counter() - t
-    flops = counter.get_total_flops()
+    flops = counter.get_total_flops() - attention.blocked  # scores a mask blocks are not the model's work
     head = len(model.text_ids(model.prompt_head))
     q_tokens = sum(len(model.question_ids(q)) for q in questions)
     tokens = sum(len(d.window_index) for d in ds) * (head + settings.frames_per_window * k + q_tokens)

@@ -73,6 +73,12 @@ ATTENTION_OPS = {  # the composite op too: under inference_mode a dispatch mode 
 }
 
 
+MASK_FOURTH = {
+    torch.ops.aten.scaled_dot_product_attention,
+    torch.ops.aten._scaled_dot_product_efficient_attention,
+}
+
+
 def blocked_flops(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> float:
     """FLOPs an attention call spends on scores its mask blocks (4 per score: Q K^T and P V, as torch counts
     attention), which the kernel computes and throws away: not the model's work, so not counted."""
@@ -99,9 +105,9 @@ class AttentionCalls(TorchDispatchMode):
             self.calls.append(
                 (func, tuple(map(layout, args)), tuple((k, layout(v)) for k, v in kwargs.items()))
             )
-            # the composite op takes the mask 4th; the kernels take it by keyword
-            composite = func.overloadpacket is torch.ops.aten.scaled_dot_product_attention
-            mask = args[3] if composite and len(args) > 3 else kwargs.get("attn_mask")
+            # the composite op and the CUDA memory-efficient kernel take the mask 4th; the others by keyword
+            positional = func.overloadpacket in MASK_FOURTH
+            mask = args[3] if positional and len(args) > 3 else kwargs.get("attn_mask")
             self.blocked += blocked_flops(args[0], args[1], mask if isinstance(mask, torch.Tensor) else None)
         return func(*args, **kwargs)
 
