@@ -251,6 +251,9 @@ def test_fused_cpu_kernels_match_the_eager_bf16_path_and_keep_parameters(tmp_pat
     assert "forward" in vars(
         fused_model.backbone.decoder.layers[0].mlp
     )  # SiLU and the gate inside the products
+    assert "forward" in vars(
+        fused_model.backbone.decoder.layers[0].input_layernorm
+    )  # RMSNorm in fewer passes
     torch.testing.assert_close(fused, eager, atol=0.05, rtol=0)
     eager_state, fused_state = eager_model.state_dict(), fused_model.state_dict()
     assert eager_state.keys() == fused_state.keys()
@@ -291,6 +294,37 @@ def test_tanh_gelu_computed_exactly_in_bf16_stays_as_close_to_the_fp32_model(mon
     exact, tanh = error("1"), error("0")
     assert 0 < exact < 0.01 and 0 < tanh < 0.01
     assert exact <= 1.05 * tanh
+
+
+def test_rms_norm_rewrite_matches_the_module_and_leaves_its_input_alone():
+    """The bf16 RMSNorm rewrite gives the eager module's outputs (up to the fp32 sum's order: one bf16 step
+    on a few elements at most), never writes into its input, and leaves fp32 and autograd to the module."""
+    import pytest
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from workers.stllm.fused import fuse_linear_layers, fusion_available
+
+    if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this torch build has no oneDNN fused linear kernel")
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    norm = norm.to(torch.bfloat16)
+    x = torch.randn(8, 111, 576).to(torch.bfloat16) * 3
+    with torch.inference_mode():
+        eager = norm(x)
+        assert fuse_linear_layers(norm) == 1 and "forward" in vars(norm)
+        before = x.clone()
+        fused = norm(x)
+    assert torch.equal(x, before)
+    differ = fused != eager
+    assert differ.float().mean() < 1e-3
+    assert ((fused.float() - eager.float()).abs()[differ] <= eager.float().abs()[differ] / 64).all()
+    x32 = torch.randn(4, 576)
+    norm.float()
+    out = norm(x32.clone().requires_grad_())  # fp32 with autograd: the module's own forward
+    out.sum().backward()
+    torch.testing.assert_close(out, LlamaRMSNorm.forward(norm, x32))
 
 
 def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():

@@ -11,7 +11,9 @@ switches a model's layers to it in place:
 - MLPs ``fc2(act(fc1(x)))`` with a GELU (ViT/SigLIP vision towers): GELU inside ``fc1`` (the tanh form
   computed as exact GELU: see :func:`gelu_algorithm`);
 - gated MLPs ``down(silu(gate(x)) * up(x))`` (Llama family decoders): SiLU inside ``gate``, the product
-  with it inside ``up``.
+  with it inside ``up``;
+- and, not a oneDNN kernel but the same kind of rewrite, Llama's RMSNorm in fewer passes over its fp32
+  copy (:func:`_rms_norm_forward`): 4-6% of a 135M decoder's scoring time, same function.
 
 Each layer's weight is also kept in oneDNN's blocked layout (:func:`packed_weight`), made on first use
 instead of on every call; at the small products of a 135M decoder that is up to 2x per product (576 x 576
@@ -72,7 +74,7 @@ def fusion_available(weight: torch.Tensor) -> bool:
     )
 
 
-def _fusable(x: torch.Tensor, layer: nn.Linear) -> bool:
+def _fusable(x: torch.Tensor, layer: nn.Module) -> bool:
     return (
         x.dtype == layer.weight.dtype
         and x.device.type == "cpu"
@@ -148,13 +150,24 @@ def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm (``weight * (x / rms(x)).to(x.dtype)``, computed in fp32) with the fp32 copy scaled
+    in place and the mean square read by one fused reduction: the same roundings as the eager module, except
+    the fp32 sum's order. Anything but bf16 inference takes the module's own forward."""
+    if not _fusable(x, self):
+        return type(self).forward(self, x)
+    h = x.to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
+    mean_square = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(h.shape[-1])
+    return h.mul_(mean_square.add_(self.variance_epsilon).rsqrt_()).to(x.dtype).mul_(self.weight)
+
+
 def _is_plain_linear(module: object) -> bool:
     return type(module) in (nn.Linear, FusedLinear)
 
 
 def fuse_linear_layers(model: nn.Module) -> int:
-    """Switch ``model``'s linear layers and MLPs to the fused kernels, in place. Returns how many modules
-    changed (0 where :func:`fusion_available` is false for the model's weights)."""
+    """Switch ``model``'s linear layers, MLPs and RMSNorms to the fused kernels, in place. Returns how many
+    modules changed (0 where :func:`fusion_available` is false for the model's weights)."""
     changed = 0
     for module in model.modules():
         if type(module) is nn.Linear and fusion_available(module.weight):
@@ -171,8 +184,11 @@ def fuse_linear_layers(model: nn.Module) -> int:
             ) and fusion_available(module.gate_proj.weight):
                 module.forward = types.MethodType(_gated_mlp_forward, module)
                 changed += 1
+        if type(module).__name__ == "LlamaRMSNorm" and fusion_available(module.weight):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            changed += 1
     if changed:
-        log.debug("fused %d linear layers and MLPs for CPU inference", changed)
+        log.debug("fused %d linear layers, MLPs and norms for CPU inference", changed)
     return changed
 
 
