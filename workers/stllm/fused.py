@@ -13,7 +13,7 @@ switches a model's layers to it in place:
 - gated MLPs ``down(silu(gate(x)) * up(x))`` (Llama family decoders): SiLU inside ``gate``, the product
   with it inside ``up``;
 - and, not a oneDNN kernel but the same kind of rewrite, Llama's RMSNorm in fewer passes over its fp32
-  copy (:func:`_rms_norm_forward`): 4-6% of a 135M decoder's scoring time, same function.
+  copy (:func:`_rms_norm_forward`): up to 6% of a 135M decoder's scoring time, same function.
 
 Each layer's weight is also kept in oneDNN's blocked layout (:func:`packed_weight`), made on first use
 instead of on every call; at the small products of a 135M decoder that is up to 2x per product (576 x 576
@@ -153,7 +153,8 @@ def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Llama's RMSNorm (``weight * (x / rms(x)).to(x.dtype)``, computed in fp32) with the fp32 copy scaled
     in place and the mean square read by one fused reduction: the same roundings as the eager module, except
-    the fp32 sum's order. Anything but bf16 inference takes the module's own forward."""
+    the fp32 sum's order. Autograd, another device or an input in another dtype than the weight take the
+    module's own forward."""
     if not _fusable(x, self):
         return type(self).forward(self, x)
     h = x.to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
