@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -304,16 +303,17 @@ class STLLM(nn.Module):
         ids = torch.tensor([self.text_ids(self.prompt_head)] * batch, dtype=torch.long).view(batch, -1)
         return self.embed(ids)
 
-    @torch.inference_mode()
-    def prefix(self, video: torch.Tensor) -> tuple[Any, int]:
-        """Forward the chat header + video once, keeping the KV cache for tokens that follow it.
-        Returns (cache, prefix length)."""
-        b = video.shape[0]
-        with self.autocast():
-            inputs = video.to(self.device)
-            inputs = torch.cat([self._head_embeds(b).to(inputs.dtype), inputs], 1)
-            out = self.lm(inputs_embeds=inputs, use_cache=True)
-        return out.cache, inputs.shape[1]
+    def _prefix_embeds(self, video: torch.Tensor, after: list[int] | None = None) -> torch.Tensor:
+        """(B, P, D) embeddings of what every continuation follows: the chat header, the video (B, L, D), then
+        the token ids ``after`` (e.g. the start every question shares), in the video's dtype."""
+        inputs = video.to(self.device)
+        after_ids = torch.tensor([after or []], dtype=torch.long).view(1, -1)
+        parts = [
+            self._head_embeds(video.shape[0]),
+            inputs,
+            self.embed(after_ids).expand(video.shape[0], -1, -1),
+        ]
+        return torch.cat([part.to(inputs.dtype) for part in parts], 1)
 
     @torch.inference_mode()
     def score(
@@ -349,15 +349,13 @@ class STLLM(nn.Module):
         single = all(len(c) == 1 for c in c_ids)
         rows = list(q_ids) if single else [q + c for q in q_ids for c in c_ids]
         with self.autocast():
-            inputs = video.to(self.device)
-            after_ids = torch.tensor([after], dtype=torch.long).view(1, -1)
-            parts = [self._head_embeds(b), inputs, self.embed(after_ids).expand(b, -1, -1)]
-            prefix = torch.cat([part.to(inputs.dtype) for part in parts], 1)
+            prefix = self._prefix_embeds(video, after)
             plen = prefix.shape[1]
-            ids, positions, mask = self._side_by_side(rows, plen)
-            text = self.embed(ids).to(inputs.dtype).expand(b, -1, -1)
+            one_pass = plen <= ONE_PASS_MAX_PREFIX
+            ids, positions, mask = self._side_by_side(rows, plen, with_prefix=one_pass)
+            text = self.embed(ids).to(prefix.dtype).expand(b, -1, -1)
             mask, positions = mask.to(self.device), positions.to(self.device)
-            if plen <= ONE_PASS_MAX_PREFIX:
+            if one_pass:
                 hidden = self.lm(
                     inputs_embeds=torch.cat([prefix, text], 1),
                     attention_mask=mask.expand(b, -1, -1, -1),
@@ -368,8 +366,8 @@ class STLLM(nn.Module):
                 cache = self.lm(inputs_embeds=prefix, use_cache=True).cache
                 hidden = self.lm(
                     inputs_embeds=text,
-                    attention_mask=mask[:, :, plen:].expand(b, -1, -1, -1),
-                    position_ids=positions[:, plen:].expand(b, -1),
+                    attention_mask=mask.expand(b, -1, -1, -1),
+                    position_ids=positions.expand(b, -1),
                     cache=cache,
                     use_cache=True,
                 ).last_hidden_state
@@ -395,22 +393,25 @@ class STLLM(nn.Module):
         )
         return scores.view(b, len(queries), len(candidates)).cpu()
 
-    def _side_by_side(self, rows: list[list[int]], plen: int) -> tuple[torch.Tensor, ...]:
+    def _side_by_side(
+        self, rows: list[list[int]], plen: int, with_prefix: bool = True
+    ) -> tuple[torch.Tensor, ...]:
         """Token ids (1, R) of ``rows`` (token id lists that each continue the same prefix of ``plen``
-        tokens) laid end to end, and the position ids (1, plen + R) and additive attention mask
-        (1, 1, plen + R, plen + R) that run prefix and rows as one sequence: the prefix is causal; every row
-        sees the whole prefix and its own earlier tokens, never another row's, its positions restarting
-        where the prefix ends."""
+        tokens) laid end to end, and the position ids (1, N) and additive attention mask (1, 1, N, plen + R)
+        that run them as one sequence after the prefix: every row sees the whole prefix and its own earlier
+        tokens, never another row's, its positions restarting where the prefix ends. ``with_prefix``: the
+        prefix's own positions and causal mask rows come first (N = plen + R, prefix and rows in one pass);
+        else N = R (the rows over the prefix's cache)."""
         ids = torch.tensor([[t for r in rows for t in r]], dtype=torch.long)
         owner = torch.cat([torch.full((plen,), -1)] + [torch.full((len(r),), i) for i, r in enumerate(rows)])
         positions = torch.cat([torch.arange(plen)] + [plen + torch.arange(len(r)) for r in rows])
-        seen = torch.ones(len(owner), len(owner), dtype=torch.bool).tril() & (
-            (owner[None, :] == -1) | (owner[:, None] == owner[None, :])
-        )
+        first = 0 if with_prefix else plen  # the first position that runs in this pass
+        query, key = torch.arange(first, len(owner))[:, None], torch.arange(len(owner))[None, :]
+        seen = (key <= query) & ((owner[key] == -1) | (owner[query] == owner[key]))
         # additive, in the dtype attention runs in: SDPA and eager attention both take it
         blocked = torch.finfo(self.compute_dtype).min
         mask = torch.zeros(seen.shape, dtype=self.compute_dtype).masked_fill_(~seen, blocked)
-        return ids, positions[None], mask[None, None]
+        return ids, positions[None, first:], mask[None, None]
 
     @torch.inference_mode()
     def score_naive(
@@ -444,7 +445,9 @@ class STLLM(nn.Module):
         """Greedy free-text answers to ``question`` for each video in the batch (B, L, D), continuing
         ``answer_prefix`` (not repeated in the answer)."""
         b = video.shape[0]
-        cache, plen = self.prefix(video)
+        with self.autocast():
+            prefix = self._prefix_embeds(video)
+            cache, plen = self.lm(inputs_embeds=prefix, use_cache=True).cache, prefix.shape[1]
         q = torch.tensor([self.question_ids(question, answer_prefix)] * b)
         eos = self.tokenizer.eos_token_id
         done = torch.zeros(b, dtype=torch.bool)
