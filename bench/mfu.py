@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, ".")
+from workers.stllm import cpu_attention  # noqa: E402, F401  (registers torch.ops.stllm.tile_attention)
 from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 
@@ -66,6 +67,7 @@ def timed(fn, repeat: int) -> float:
 
 
 ATTENTION_OPS = {  # the composite op too: under inference_mode a dispatch mode sees it before it decomposes
+    torch.ops.stllm.tile_attention,  # the vision tower's attention on CPUs with AMX
     torch.ops.aten.scaled_dot_product_attention,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
     torch.ops.aten._scaled_dot_product_flash_attention,

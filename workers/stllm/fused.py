@@ -196,8 +196,9 @@ def fuse_linear_layers(model: nn.Module) -> int:
 def register_flop_counts() -> None:
     """Teach ``torch.utils.flop_counter.FlopCounterMode`` the CPU kernels it misses, so FLOP counts
     (bench/mfu.py) include them: the fused linear layers (2 x M x K x N, as the layers they replace), the
-    folded convolutions (as the convolutions they replace) and CPU flash attention (torch's count for
-    attention, halved when causal). Safe to call more than once."""
+    folded convolutions (as the convolutions they replace), CPU flash attention (torch's count for
+    attention, halved when causal) and the tile attention kernel (:mod:`workers.stllm.cpu_attention`).
+    Safe to call more than once."""
     from torch.utils import flop_counter
 
     linear = torch.ops.mkldnn._linear_pointwise  # both overloads (default and binary)
@@ -219,6 +220,15 @@ def register_flop_counts() -> None:
             return 2 * rows * x_shape[-1] * out_shape[-1]
 
         flop_counter.register_flop_formula(linear)(linear_flops)
+    from workers.stllm import cpu_attention  # noqa: F401  (registers torch.ops.stllm.tile_attention)
+
+    tile = torch.ops.stllm.tile_attention
+    if tile not in flop_counter.flop_registry:
+
+        def tile_attention_flops(q_shape, k_shape, v_shape, *_args, **_kwargs) -> int:
+            return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+        flop_counter.register_flop_formula(tile)(tile_attention_flops)
     if attention not in flop_counter.flop_registry:
 
         def attention_flops(q_shape, k_shape, v_shape, dropout_p=0.0, is_causal=False, **_kwargs) -> int:

@@ -1,0 +1,99 @@
+"""The vision tower's attention on the CPU's tile unit (AMX): same results as SDPA, used only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.stllm import cpu_attention
+from workers.stllm.cpu_attention import tile_attention
+
+pytestmark = pytest.mark.skipif(
+    not cpu_attention.available(), reason="the tile kernel needs a CPU with AMX-BF16 and a C compiler"
+)
+
+
+def _projections(batch: int, heads: int, tokens: int, magnitude: float = 1.0, seed: int = 0):
+    """q, k, v as an attention layer makes them: (B, H, T, 64) views of one (B, T, 3 H 64) product."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, tokens, 3 * heads * 64, generator=g) * magnitude).to(torch.bfloat16)
+    return [t.view(batch, tokens, heads, 64).transpose(1, 2) for t in x.split(heads * 64, -1)]
+
+
+@pytest.mark.parametrize(
+    "batch,heads,tokens,magnitude,scale",
+    [(1, 1, 1, 1.0, 0.125), (2, 3, 17, 1.0, 0.125), (1, 2, 50, 3.0, 0.2), (2, 2, 1024, 1.0, 0.125)],
+)
+def test_tile_attention_is_as_close_to_fp32_as_sdpa(batch, heads, tokens, magnitude, scale):
+    """Against fp32 attention, the kernel's bf16 output errs as little as SDPA's: tails of fewer than 32
+    queries or keys, strided inputs, peaked softmaxes (magnitude 3: scores in the hundreds) included."""
+    q, k, v = _projections(batch, heads, tokens, magnitude)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).float()
+    with torch.inference_mode():
+        tile = tile_attention(q, k, v, scale)
+    assert tile.shape == (batch, tokens, heads, 64) and tile.is_contiguous() and tile.dtype == torch.bfloat16
+    tile_error, sdpa_error = (tile.float() - exact).abs(), (sdpa - exact).abs()
+    assert tile_error.mean() <= 1.1 * sdpa_error.mean() + 1e-6
+    assert tile_error.max() <= 1.5 * sdpa_error.max() + 1e-3
+    # contiguous inputs give the same result as the strided views
+    torch.testing.assert_close(tile_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale), tile)
+
+
+def test_tile_attention_refuses_what_it_does_not_compute():
+    """Inputs outside the kernel's reach raise a ValueError naming them, never reach the C code."""
+    q, k, v = _projections(1, 2, 8)
+    for bad in (
+        (q.float(), k.float(), v.float()),  # fp32
+        (q[..., :32], k[..., :32], v[..., :32]),  # head size 32
+        (q, k[:, :, :4], v[:, :, :4]),  # fewer keys than queries
+        (q.transpose(-1, -2), k, v),  # last dimension not contiguous
+    ):
+        with pytest.raises(ValueError, match="tile attention takes"):
+            tile_attention(*bad, 0.125)
+
+
+def test_bf16_vision_tower_runs_its_attention_on_the_tile_kernel(tmp_path):
+    """inference_weights() on a CPU switches a SigLIP tower's attention to the kernel: FlopCounterMode sees
+    it at torch's attention count, the features stay as close to the fp32 model's as with SDPA, and a masked
+    or autograd call takes the layer's own forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.io import build_model
+    from workers.stllm.tiny import tiny_smolvlm
+
+    spec = tiny_smolvlm(tmp_path / "smol", vision_hidden=128)  # 2 heads of 64
+    frames = torch.randint(
+        0, 255, (3, 48, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    exact = build_model(spec, device="cpu", dtype="fp32").eval().frame_features(frames)
+    model = build_model(spec, device="cpu", dtype="bf16").eval().inference_weights()
+    layers = [m for m in model.backbone.vision.modules() if "forward" in vars(m) and hasattr(m, "q_proj")]
+    assert len(layers) == 1  # the toy tower's one layer
+
+    register_flop_counts()
+    with FlopCounterMode(display=False) as counter:
+        tiled = model.frame_features(frames)
+    counts = counter.get_flop_counts()["Global"]
+    tokens = (model.backbone.image_size // 16) ** 2
+    assert counts[torch.ops.stllm.tile_attention] == 4 * 3 * 2 * tokens * tokens * 64
+
+    del layers[0].forward  # the layer's own forward: SDPA
+    sdpa = model.frame_features(frames)
+    tile_error, sdpa_error = (tiled - exact).norm() / exact.norm(), (sdpa - exact).norm() / exact.norm()
+    assert 0 < tile_error <= 1.1 * sdpa_error
+
+    layer = layers[0]
+    layer.forward = cpu_attention._vision_attention_forward.__get__(layer)
+    x = torch.randn(2, tokens, 128).to(torch.bfloat16)
+    mask = torch.zeros(2, 1, tokens, tokens, dtype=torch.bfloat16)
+    mask[..., -3:] = torch.finfo(torch.bfloat16).min  # the last patches are padding
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x, attention_mask=mask)[0], type(layer).forward(layer, x, mask)[0])
+    x32 = torch.randn(2, tokens, 128, requires_grad=True)
+    layer.float()
+    out = layer(x32)[0]  # fp32 with autograd: the layer's own forward, and gradients flow
+    out.sum().backward()
+    assert x32.grad is not None and x32.grad.abs().sum() > 0

@@ -1,0 +1,200 @@
+"""Vision-tower attention on the CPU's matrix unit (AMX), for bf16 serving.
+
+A SigLIP tower at SmolVLM2's 512 px attends over 1024 patches per frame, 12 heads of 64. torch's CPU flash
+attention runs that at ~650 GFLOP/s here, a fifth of the GEMM peak, and it was a third of the tower's time.
+``csrc/cpu_attention.c`` computes the same thing on the tile unit: for each (frame, head), K and V packed
+once into the tile layout, then 32 query rows at a time: the scores on the tiles, each row's softmax over
+all its keys with AVX-512 (a whole row fits in cache, so no running rescale), the probabilities rounded to
+bf16 as SDPA does, and their product with V on the tiles. 1.4-1.5x SDPA's speed at the tower's shape
+(``bench/kernels.py``), with SDPA's error against fp32 (``tests/test_engine.py``).
+
+It is used only where all of this holds, and SDPA runs otherwise: a CPU with AMX-BF16 under Linux, a C
+compiler to build the kernel on first use (``cc``, or ``$CC``; the library is cached under
+``$XDG_CACHE_HOME/stllm-labeling``), bf16 inputs, head size 64, no mask, not causal, no autograd. Set
+``STLLM_AMX_ATTENTION=0`` to keep SDPA.
+
+:func:`use_tile_attention` switches a model's vision attention layers to it (``STLLM.inference_weights``
+does this on CPUs). The kernel is registered as the torch operator ``stllm::tile_attention``, so
+FlopCounterMode and profilers see it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.c"
+FLAGS = [
+    "-O3",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512dq",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mamx-tile",
+    "-mamx-bf16",
+]
+HEAD_DIM = 64
+MAX_TOKENS = 8192  # a row of scores stays in cache (32 rows x 8192 x 4 bytes = 1 MiB per thread)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build(cache: Path) -> Path:
+    """Compile the kernel into ``cache`` (once per source and flags; concurrent builders are safe)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) to build it")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache / f"cpu_attention-{digest}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, "-pthread", "-shared", "-fPIC", str(SOURCE), "-o", str(built)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(built, target)  # atomic: another process sees the whole library or none
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (logged once, with the reason) where it cannot run here."""
+    if os.environ.get("STLLM_AMX_ATTENTION", "1") == "0":
+        return None
+    try:
+        missing = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} - _cpu_flags()
+        if missing:
+            raise RuntimeError(f"this CPU lacks {', '.join(sorted(missing))}")
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stllm-labeling"
+        lib = ctypes.CDLL(str(_build(cache)))
+        if lib.stllm_attention_init() != 0:
+            raise RuntimeError("the kernel refused the tile registers' state (Linux 5.16+ needed)")
+        lib.stllm_attention.restype = ctypes.c_int
+        lib.stllm_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
+        lib.stllm_attention.argtypes += [ctypes.c_float, ctypes.c_int]
+    except (OSError, RuntimeError) as e:
+        log.info("tile attention kernel not used, SDPA instead: %s", e)
+        return None
+    log.debug("tile attention kernel loaded")
+    return lib
+
+
+def available() -> bool:
+    """True where the tile kernel runs on this machine (built and loaded on the first call)."""
+    return _library() is not None
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`tile_attention` takes these inputs: bf16 CPU tensors (B, H, T, 64) of one shape, the
+    last dimension contiguous, T up to :data:`MAX_TOKENS`. No mask and not causal are the caller's part."""
+    return (
+        all(x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1 for x in (q, k, v))
+        and q.dim() == 4
+        and q.shape == k.shape == v.shape
+        and q.shape[-1] == HEAD_DIM
+        and 0 < q.shape[2] <= MAX_TOKENS
+    )
+
+
+@torch.library.custom_op("stllm::tile_attention", mutates_args=())
+def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale Q K^T) V, without a mask, as (B, T, H, 64) contiguous (the layout attention layers
+    reshape their output from). Takes what :func:`supported` accepts; needs :func:`available`. No autograd."""
+    if not supported(q, k, v):
+        raise ValueError(
+            f"tile attention takes bf16 CPU (B, H, T, {HEAD_DIM}) tensors of one shape, T <= {MAX_TOKENS}: "
+            f"got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+        )
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the tile attention kernel is not available on this machine")
+    b, h, t, d = q.shape
+    out = torch.empty(b, t, h, d, dtype=q.dtype)
+    strides = [(ctypes.c_long * 3)(*x.stride()[:3]) for x in (q, k, v)]
+    threads = torch.get_num_threads()
+    status = lib.stllm_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, t, *strides, scale, threads
+    )
+    if status == -1:
+        raise MemoryError("tile attention: could not allocate its buffers")
+    if status != 0:
+        raise RuntimeError("tile attention: the kernel refused the tile registers' state")
+    return out
+
+
+@tile_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    b, h, t, d = q.shape
+    return q.new_empty(b, t, h, d)
+
+
+def _takes(layer: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    return (
+        attention_mask is None
+        and not layer.training
+        and x.device.type == "cpu"
+        and x.dim() == 3
+        and x.dtype == layer.q_proj.weight.dtype == torch.bfloat16
+        and 0 < x.shape[1] <= MAX_TOKENS
+        and not (torch.is_grad_enabled() and (x.requires_grad or layer.q_proj.weight.requires_grad))
+    )
+
+
+def _vision_attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+    """A ViT attention layer's forward (SigLIP/Idefics3: q/k/v/out projections) with the tile kernel for
+    whole images (no mask) in bf16 inference; the layer's own forward otherwise."""
+    if not _takes(self, hidden_states, attention_mask):
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q, k, v = (
+        proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+    )
+    out = tile_attention(q, k, v, self.scale)
+    return self.out_proj(out.view(*hidden_states.shape[:-1], -1)), None
+
+
+def _is_vision_attention(module: nn.Module) -> bool:
+    names = {n for n, _ in module.named_children()}
+    return (
+        {"q_proj", "k_proj", "v_proj", "out_proj"} <= names
+        and getattr(module, "is_causal", None) is False
+        and getattr(module, "head_dim", None) == HEAD_DIM
+        and isinstance(getattr(module, "scale", None), float)
+    )
+
+
+def use_tile_attention(model: nn.Module) -> int:
+    """Switch ``model``'s ViT attention layers (SigLIP, Idefics3's vision tower) to the tile kernel, in place.
+    Returns how many changed: 0 where :func:`available` is false or the model has none."""
+    layers = [m for m in model.modules() if _is_vision_attention(m)]
+    if not layers or not available():
+        return 0
+    for m in layers:
+        m.forward = types.MethodType(_vision_attention_forward, m)
+    log.debug("%d vision attention layers on the tile kernel", len(layers))
+    return len(layers)

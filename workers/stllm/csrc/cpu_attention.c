@@ -1,0 +1,274 @@
+// Attention without a mask for bf16 inputs on CPUs with AMX (Intel Sapphire Rapids and later):
+// out = softmax(scale * Q K^T) V for every (batch, head), head size 64. Built and loaded by
+// workers/stllm/cpu_attention.py, which says when it is used.
+//
+// One (batch, head) at a time, per thread: K and V are packed into the tile unit's pair-interleaved layout
+// (K transposed), then 32 query rows at a time: S = Q K^T on the tiles (fp32), each row's softmax over all
+// its keys with AVX-512 (the whole row fits in L2: no running rescale as in flash attention), P rounded to
+// bf16 as SDPA does, O = P V on the tiles, divided by the row's sum and written as bf16 into (B, T, H, 64).
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define D 64
+typedef uint16_t bf16;
+
+// Asks the kernel for the tile registers' state (Linux 5.16+). 0 on success.
+int stllm_attention_init(void) {
+  return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
+typedef struct {
+  uint8_t palette, start;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} tile_config;
+
+static void configure_tiles(void) {  // 8 tiles of 16 rows x 64 bytes
+  tile_config c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; i++) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// 2^t for t <= 0: t = n + f with f in [-0.5, 0.5], 2^f by its degree-5 Taylor polynomial (relative error
+// < 3e-6, far below bf16's step of 2^-8); scalef returns 0 below the smallest float.
+static inline __m512 exp2_ps(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3333558e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512i to_bf16(__m512 low, __m512 high) {  // 32 floats -> 32 bf16, round to nearest even
+  return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+// 16 x 16 transpose of 32-bit elements: r[i] holds row i before, column i after.
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // r[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; j++) {
+    const __m512i x = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), y = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xee);
+    const __m512i z = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i w = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xee);
+    t[j] = _mm512_shuffle_i32x4(x, z, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(x, z, 0xdd);
+    t[8 + j] = _mm512_shuffle_i32x4(y, w, 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(y, w, 0xdd);
+  }
+  memcpy(r, t, sizeof t);
+}
+
+typedef struct {
+  const bf16 *q, *k, *v;
+  bf16 *out;
+  long B, H, T;
+  long qs[3], ks[3], vs[3];  // element strides of batch, head and token; the head dimension is contiguous
+  float scale;
+  long first, last;  // this thread's (batch, head) pairs
+} job;
+
+static inline __mmask16 first_n(long n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s, bf16 *p, bf16 *qpad,
+                     float *o) {
+  const long T = a->T, T32 = (T + 31) / 32 * 32;  // keys padded to whole 32-key steps
+  const bf16 *Q = a->q + b * a->qs[0] + h * a->qs[1], *K = a->k + b * a->ks[0] + h * a->ks[1];
+  const bf16 *V = a->v + b * a->vs[0] + h * a->vs[1];
+  // K^T packed: per 16 keys and per half of the head (32 values), row kk holds the pairs
+  // (K[key][2kk], K[key][2kk + 1]) of the 16 keys.
+  for (long j = 0; j < T32 / 16; j++)
+    for (int c = 0; c < 2; c++) {
+      __m512i r[16];
+      for (int n = 0; n < 16; n++)
+        r[n] = j * 16 + n < T ? _mm512_loadu_si512(K + (j * 16 + n) * a->ks[2] + c * 32) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int kk = 0; kk < 16; kk++) _mm512_store_si512((__m512i *)(kp + j * 1024 + c * 512 + kk * 32), r[kk]);
+    }
+  // V packed: per 32 keys and per 16 output values, row kk interleaves keys 2kk and 2kk + 1
+  static const uint16_t interleave[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                          8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_loadu_si512(interleave), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (long j = 0; j < T32 / 32; j++)
+    for (int kk = 0; kk < 16; kk++) {
+      const long k0 = j * 32 + 2 * kk;
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
+      if (k0 < T) {
+        a0 = _mm512_loadu_si512(V + k0 * a->vs[2]);
+        a1 = _mm512_loadu_si512(V + k0 * a->vs[2] + 32);
+      }
+      if (k0 + 1 < T) {
+        b0 = _mm512_loadu_si512(V + (k0 + 1) * a->vs[2]);
+        b1 = _mm512_loadu_si512(V + (k0 + 1) * a->vs[2] + 32);
+      }
+      bf16 *dst = vp + j * 2048 + kk * 32;
+      _mm512_store_si512((__m512i *)dst, _mm512_permutex2var_epi16(a0, low, b0));
+      _mm512_store_si512((__m512i *)(dst + 512), _mm512_permutex2var_epi16(a0, high, b0));
+      _mm512_store_si512((__m512i *)(dst + 1024), _mm512_permutex2var_epi16(a1, low, b1));
+      _mm512_store_si512((__m512i *)(dst + 1536), _mm512_permutex2var_epi16(a1, high, b1));
+    }
+  const float c = a->scale * 1.44269504f;  // exp(scale (x - max)) = 2^(c x - c max)
+  const __m512 vc = _mm512_set1_ps(c);
+  for (long q0 = 0; q0 < T; q0 += 32) {
+    const long rows = T - q0 < 32 ? T - q0 : 32;
+    const bf16 *qb = Q + q0 * a->qs[2];  // 32 query rows, read in place unless the last rows are short
+    long stride = a->qs[2] * 2;
+    if (rows < 32) {
+      for (int r = 0; r < 32; r++)
+        if (r < rows) memcpy(qpad + r * D, Q + (q0 + r) * a->qs[2], D * 2);
+        else memset(qpad + r * D, 0, D * 2);
+      qb = qpad;
+      stride = D * 2;
+    }
+    // S = Q K^T. Tiles 0-3: Q (rows 0-15 and 16-31, each half of the head); 4: K^T; 5, 6: S
+    _tile_loadd(0, qb, stride);
+    _tile_loadd(1, qb + 32, stride);
+    _tile_loadd(2, (const char *)qb + 16 * stride, stride);
+    _tile_loadd(3, (const char *)qb + 16 * stride + 64, stride);
+    for (long j = 0; j < T32 / 16; j++) {
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_loadd(4, kp + j * 1024, 64);
+      _tile_dpbf16ps(5, 0, 4);
+      _tile_dpbf16ps(6, 2, 4);
+      _tile_loadd(4, kp + j * 1024 + 512, 64);
+      _tile_dpbf16ps(5, 1, 4);
+      _tile_dpbf16ps(6, 3, 4);
+      _tile_stored(5, s + j * 16, T32 * 4);
+      _tile_stored(6, s + 16 * T32 + j * 16, T32 * 4);
+    }
+    // softmax of each row over its T keys; padded keys get probability 0
+    float inverse_sum[32];
+    for (int r = 0; r < 32; r++) {
+      const float *sr = s + r * T32;
+      bf16 *pr = p + r * T32;
+      __m512 m = _mm512_set1_ps(-__builtin_inff());
+      long i = 0;
+      for (; i + 16 <= T; i += 16) m = _mm512_max_ps(m, _mm512_load_ps(sr + i));
+      if (i < T) m = _mm512_mask_max_ps(m, first_n(T - i), m, _mm512_load_ps(sr + i));
+      const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(m) * c);
+      __m512 sum = _mm512_setzero_ps();
+      for (i = 0; i + 32 <= T; i += 32) {
+        const __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i), vc, shift));
+        const __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i + 16), vc, shift));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+        _mm512_store_si512((__m512i *)(pr + i), to_bf16(e0, e1));
+      }
+      if (i < T32) {
+        const __m512 e0 = _mm512_maskz_mov_ps(first_n(T - i), exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i), vc, shift)));
+        const __m512 e1 =
+            _mm512_maskz_mov_ps(first_n(T - i - 16), exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i + 16), vc, shift)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+        _mm512_store_si512((__m512i *)(pr + i), to_bf16(e0, e1));
+      }
+      inverse_sum[r] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+    // O = P V, 16 rows at a time. Tile 0: P; 1: V; 4-7: O (16 output values each)
+    for (int half = 0; half < 2 && half * 16 < rows; half++) {
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      const bf16 *ph = p + half * 16 * T32;
+      for (long j = 0; j < T32 / 32; j++) {
+        const bf16 *vj = vp + j * 2048;
+        _tile_loadd(0, ph + j * 32, T32 * 2);
+        _tile_loadd(1, vj, 64);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(1, vj + 512, 64);
+        _tile_dpbf16ps(5, 0, 1);
+        _tile_loadd(1, vj + 1024, 64);
+        _tile_dpbf16ps(6, 0, 1);
+        _tile_loadd(1, vj + 1536, 64);
+        _tile_dpbf16ps(7, 0, 1);
+      }
+      _tile_stored(4, o, D * 4);
+      _tile_stored(5, o + 16, D * 4);
+      _tile_stored(6, o + 32, D * 4);
+      _tile_stored(7, o + 48, D * 4);
+      for (int r = 0; r < 16 && half * 16 + r < rows; r++) {
+        const long row = half * 16 + r;
+        const __m512 w = _mm512_set1_ps(inverse_sum[row]);
+        bf16 *dst = a->out + ((b * T + q0 + row) * a->H + h) * D;
+        const float *src = o + r * D;
+        _mm512_storeu_si512((__m512i *)dst,
+                            to_bf16(_mm512_mul_ps(_mm512_load_ps(src), w), _mm512_mul_ps(_mm512_load_ps(src + 16), w)));
+        _mm512_storeu_si512((__m512i *)(dst + 32), to_bf16(_mm512_mul_ps(_mm512_load_ps(src + 32), w),
+                                                           _mm512_mul_ps(_mm512_load_ps(src + 48), w)));
+      }
+    }
+  }
+}
+
+static void *run(void *arg) {
+  const job *a = arg;
+  const long T32 = (a->T + 31) / 32 * 32;
+  // per thread: packed K and V, 32 rows of scores and of probabilities, padded queries, 16 output rows
+  const size_t kv = (size_t)T32 * D * 2, sz = (size_t)32 * T32 * 4, pz = (size_t)32 * T32 * 2;
+  char *buf = aligned_alloc(64, 2 * kv + sz + pz + 32 * D * 2 + 16 * D * 4);
+  if (!buf) return (void *)1;
+  bf16 *kp = (bf16 *)buf, *vp = (bf16 *)(buf + kv);
+  float *s = (float *)(buf + 2 * kv);
+  bf16 *p = (bf16 *)(buf + 2 * kv + sz), *qpad = (bf16 *)(buf + 2 * kv + sz + pz);
+  float *o = (float *)(buf + 2 * kv + sz + pz + 32 * D * 2);
+  configure_tiles();
+  for (long bh = a->first; bh < a->last; bh++) one_head(a, bh / a->H, bh % a->H, kp, vp, s, p, qpad, o);
+  _tile_release();
+  free(buf);
+  return NULL;
+}
+
+// q, k, v: bf16 (B, H, T, 64) with the given element strides (batch, head, token; the last dimension
+// contiguous). out: bf16 (B, T, H, 64), contiguous. Splits the B x H heads evenly over `threads` threads
+// (the caller's and threads - 1 more). Returns 0; -1 if a buffer could not be allocated; -2 if the kernel
+// refused the tile state (asked on every call: cheap, and right in a forked worker too).
+int stllm_attention(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, long B, long H, long T,
+                    const long *qs, const long *ks, const long *vs, float scale, int threads) {
+  if (stllm_attention_init() != 0) return -2;
+  if (threads < 1) threads = 1;
+  if (threads > 256) threads = 256;
+  if (threads > B * H) threads = (int)(B * H);
+  job jobs[256];
+  pthread_t ids[256];
+  int started[256] = {0}, failed = 0;
+  for (int t = 0; t < threads; t++) {
+    job j = {q, k, v, out, B, H, T, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, scale,
+             B * H * t / threads, B * H * (t + 1) / threads};
+    jobs[t] = j;
+  }
+  for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
+  for (int t = 1; t < threads; t++)  // a thread that could not start: its heads run here
+    if (!started[t]) failed |= run(&jobs[t]) != NULL;
+  failed |= run(&jobs[0]) != NULL;
+  for (int t = 1; t < threads; t++)
+    if (started[t]) {
+      void *r;
+      pthread_join(ids[t], &r);
+      failed |= r != NULL;
+    }
+  return failed ? -1 : 0;
+}
