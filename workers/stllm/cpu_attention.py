@@ -48,7 +48,7 @@ FLAGS = [
     "-mamx-bf16",
 ]
 HEAD_DIM = 64
-MAX_TOKENS = 8192  # a row of scores stays in cache (32 rows x 8192 x 4 bytes = 1 MiB per thread)
+MAX_TOKENS = 8192  # its buffers stay in cache: 2 x 32 rows of scores x 8192 x 4 bytes = 2 MiB per thread
 
 
 def _cpu_flags() -> set[str]:

@@ -6,6 +6,7 @@
 // (K transposed), then 32 query rows at a time: S = Q K^T on the tiles (fp32), each row's softmax over all
 // its keys with AVX-512 (the whole row fits in L2: no running rescale as in flash attention), P rounded to
 // bf16 as SDPA does, O = P V on the tiles, divided by the row's sum and written as bf16 into (B, T, H, 64).
+// The 32-row blocks run as a pipeline in which the tile unit's products overlap the vector unit's softmax.
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -40,17 +41,16 @@ static void configure_tiles(void) {  // 8 tiles of 16 rows x 64 bytes
   _tile_loadconfig(&c);
 }
 
-// 2^t for t <= 0: t = n + f with f in [-0.5, 0.5], 2^f by its degree-5 Taylor polynomial (relative error
-// < 3e-6, far below bf16's step of 2^-8); scalef returns 0 below the smallest float.
+// 2^t for t <= 0: t = n + f with f in [-0.5, 0.5], 2^f by a degree-3 polynomial fitted for relative error
+// (at most 7.5e-5: the probabilities are rounded to bf16 next, whose steps are 2^-8 apart); scalef returns 0
+// below the smallest float.
 static inline __m512 exp2_ps(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.3333558e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(0.0551716531f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.242611162f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693260992f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999928071f));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -94,6 +94,46 @@ typedef struct {
 
 static inline __mmask16 first_n(long n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
+typedef struct {  // the softmax of one block of 32 query rows, computed in units of 32 keys of a row
+  bf16 *p;        // the probabilities, (32, T32)
+  long T, T32;    // keys, and keys padded to whole 32-key steps
+  float c;        // scale x log2(e)
+  float running_max[32][16] __attribute__((aligned(64)));
+  float running_sum[32][16] __attribute__((aligned(64)));
+  float max[32], inverse_sum[32];  // per row, once its last unit is done
+} softmax_state;
+
+// One unit of the row maxima: 32 keys of row r at step k (keys past T left out).
+static inline void max_unit(softmax_state *st, const float *s, long r, long k) {
+  const float *sr = s + r * st->T32 + k * 32;
+  const long left = st->T - k * 32;
+  __m512 m = k == 0 ? _mm512_set1_ps(-__builtin_inff()) : _mm512_load_ps(st->running_max[r]);
+  m = _mm512_mask_max_ps(m, first_n(left), m, _mm512_load_ps(sr));
+  m = _mm512_mask_max_ps(m, first_n(left - 16), m, _mm512_load_ps(sr + 16));
+  if ((k + 1) * 32 >= st->T32) st->max[r] = _mm512_reduce_max_ps(m);
+  else _mm512_store_ps(st->running_max[r], m);
+}
+
+// One unit of the exponentials: 32 keys of row r at step k, rounded to bf16 into P; the row's sum is of the
+// rounded values, the ones P V multiplies. Keys past T get probability 0.
+static inline void exp_unit(softmax_state *st, const float *s, long r, long k) {
+  const float *sr = s + r * st->T32 + k * 32;
+  const long left = st->T - k * 32;
+  const __m512 vc = _mm512_set1_ps(st->c), shift = _mm512_set1_ps(-st->max[r] * st->c);
+  __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr), vc, shift));
+  __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + 16), vc, shift));
+  if (left < 32) {
+    e0 = _mm512_maskz_mov_ps(first_n(left), e0);
+    e1 = _mm512_maskz_mov_ps(first_n(left - 16), e1);
+  }
+  const __m512i pb = to_bf16(e0, e1);
+  _mm512_store_si512((__m512i *)(st->p + r * st->T32 + k * 32), pb);
+  __m512 sum = k == 0 ? _mm512_setzero_ps() : _mm512_load_ps(st->running_sum[r]);
+  sum = _mm512_dpbf16_ps(sum, (__m512bh)pb, (__m512bh)_mm512_set1_epi16(0x3f80));  // + 1.0 x each bf16
+  if ((k + 1) * 32 >= st->T32) st->inverse_sum[r] = 1.f / _mm512_reduce_add_ps(sum);
+  else _mm512_store_ps(st->running_sum[r], sum);
+}
+
 static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s, bf16 *p, bf16 *qpad,
                      float *o) {
   const long T = a->T, T32 = (T + 31) / 32 * 32;  // keys padded to whole 32-key steps
@@ -132,103 +172,97 @@ static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s,
       _mm512_store_si512((__m512i *)(dst + 1536), _mm512_permutex2var_epi16(a1, high, b1));
     }
   const float c = a->scale * 1.44269504f;  // exp(scale (x - max)) = 2^(c x - c max)
-  const __m512 vc = _mm512_set1_ps(c);
-  for (long q0 = 0; q0 < T; q0 += 32) {
-    const long rows = T - q0 < 32 ? T - q0 : 32;
-    const bf16 *qb = Q + q0 * a->qs[2];  // 32 query rows, read in place unless the last rows are short
-    long stride = a->qs[2] * 2;
-    if (rows < 32) {
-      for (int r = 0; r < 32; r++)
-        if (r < rows) memcpy(qpad + r * D, Q + (q0 + r) * a->qs[2], D * 2);
-        else memset(qpad + r * D, 0, D * 2);
-      qb = qpad;
-      stride = D * 2;
-    }
-    // S = Q K^T. Tiles 0-3: Q (rows 0-15 and 16-31, each half of the head); 4: K^T; 5, 6: S
-    _tile_loadd(0, qb, stride);
-    _tile_loadd(1, qb + 32, stride);
-    _tile_loadd(2, (const char *)qb + 16 * stride, stride);
-    _tile_loadd(3, (const char *)qb + 16 * stride + 64, stride);
-    for (long j = 0; j < T32 / 16; j++) {
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_loadd(4, kp + j * 1024, 64);
-      _tile_dpbf16ps(5, 0, 4);
-      _tile_dpbf16ps(6, 2, 4);
-      _tile_loadd(4, kp + j * 1024 + 512, 64);
-      _tile_dpbf16ps(5, 1, 4);
-      _tile_dpbf16ps(6, 3, 4);
-      _tile_stored(5, s + j * 16, T32 * 4);
-      _tile_stored(6, s + 16 * T32 + j * 16, T32 * 4);
-    }
-    // softmax of each row over its T keys; padded keys get probability 0
-    float inverse_sum[32];
-    for (int r = 0; r < 32; r++) {
-      const float *sr = s + r * T32;
-      bf16 *pr = p + r * T32;
-      __m512 m = _mm512_set1_ps(-__builtin_inff());
-      long i = 0;
-      for (; i + 16 <= T; i += 16) m = _mm512_max_ps(m, _mm512_load_ps(sr + i));
-      if (i < T) m = _mm512_mask_max_ps(m, first_n(T - i), m, _mm512_load_ps(sr + i));
-      const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(m) * c);
-      __m512 sum = _mm512_setzero_ps();
-      for (i = 0; i + 32 <= T; i += 32) {
-        const __m512 e0 = exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i), vc, shift));
-        const __m512 e1 = exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i + 16), vc, shift));
-        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-        _mm512_store_si512((__m512i *)(pr + i), to_bf16(e0, e1));
+  const long steps = T32 / 32, blocks = (T + 31) / 32;
+  // Query blocks of 32 rows run as a pipeline, so that the tile unit's products and the vector unit's
+  // softmax overlap: block i's scores are computed while block i - 1's exponentials are, and block i - 1's
+  // product with V while block i's row maxima are.
+  softmax_state st = {.p = p, .T = T, .T32 = T32, .c = c};
+  for (long i = 0; i <= blocks; i++) {
+    float *si = s + (i % 2) * 32 * T32, *sprev = s + ((i + 1) % 2) * 32 * T32;
+    long done = 0;  // units of block i - 1's exponentials
+    if (i < blocks) {
+      const long q0 = i * 32, rows = T - q0 < 32 ? T - q0 : 32;
+      const bf16 *qb = Q + q0 * a->qs[2];  // 32 query rows, read in place unless the last rows are short
+      long stride = a->qs[2] * 2;
+      if (rows < 32) {
+        for (int r = 0; r < 32; r++)
+          if (r < rows) memcpy(qpad + r * D, Q + (q0 + r) * a->qs[2], D * 2);
+          else memset(qpad + r * D, 0, D * 2);
+        qb = qpad;
+        stride = D * 2;
       }
-      if (i < T32) {
-        const __m512 e0 = _mm512_maskz_mov_ps(first_n(T - i), exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i), vc, shift)));
-        const __m512 e1 =
-            _mm512_maskz_mov_ps(first_n(T - i - 16), exp2_ps(_mm512_fmadd_ps(_mm512_load_ps(sr + i + 16), vc, shift)));
-        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-        _mm512_store_si512((__m512i *)(pr + i), to_bf16(e0, e1));
-      }
-      inverse_sum[r] = 1.f / _mm512_reduce_add_ps(sum);
-    }
-    // O = P V, 16 rows at a time. Tile 0: P; 1: V; 4-7: O (16 output values each)
-    for (int half = 0; half < 2 && half * 16 < rows; half++) {
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
-      const bf16 *ph = p + half * 16 * T32;
-      for (long j = 0; j < T32 / 32; j++) {
-        const bf16 *vj = vp + j * 2048;
-        _tile_loadd(0, ph + j * 32, T32 * 2);
-        _tile_loadd(1, vj, 64);
-        _tile_dpbf16ps(4, 0, 1);
-        _tile_loadd(1, vj + 512, 64);
-        _tile_dpbf16ps(5, 0, 1);
-        _tile_loadd(1, vj + 1024, 64);
-        _tile_dpbf16ps(6, 0, 1);
-        _tile_loadd(1, vj + 1536, 64);
-        _tile_dpbf16ps(7, 0, 1);
-      }
-      _tile_stored(4, o, D * 4);
-      _tile_stored(5, o + 16, D * 4);
-      _tile_stored(6, o + 32, D * 4);
-      _tile_stored(7, o + 48, D * 4);
-      for (int r = 0; r < 16 && half * 16 + r < rows; r++) {
-        const long row = half * 16 + r;
-        const __m512 w = _mm512_set1_ps(inverse_sum[row]);
-        bf16 *dst = a->out + ((b * T + q0 + row) * a->H + h) * D;
-        const float *src = o + r * D;
-        _mm512_storeu_si512((__m512i *)dst,
-                            to_bf16(_mm512_mul_ps(_mm512_load_ps(src), w), _mm512_mul_ps(_mm512_load_ps(src + 16), w)));
-        _mm512_storeu_si512((__m512i *)(dst + 32), to_bf16(_mm512_mul_ps(_mm512_load_ps(src + 32), w),
-                                                           _mm512_mul_ps(_mm512_load_ps(src + 48), w)));
+      // S = Q K^T. Tiles 0-3: Q (rows 0-15 and 16-31, each half of the head); 4: K^T; 5, 6: S
+      _tile_loadd(0, qb, stride);
+      _tile_loadd(1, qb + 32, stride);
+      _tile_loadd(2, (const char *)qb + 16 * stride, stride);
+      _tile_loadd(3, (const char *)qb + 16 * stride + 64, stride);
+      for (long j = 0; j < T32 / 16; j++) {
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_loadd(4, kp + j * 1024, 64);
+        _tile_dpbf16ps(5, 0, 4);
+        _tile_dpbf16ps(6, 2, 4);
+        _tile_loadd(4, kp + j * 1024 + 512, 64);
+        _tile_dpbf16ps(5, 1, 4);
+        _tile_dpbf16ps(6, 3, 4);
+        _tile_stored(5, si + j * 16, T32 * 4);
+        _tile_stored(6, si + 16 * T32 + j * 16, T32 * 4);
+        if (i > 0)
+          for (int u = 0; u < 16; u++, done++) exp_unit(&st, sprev, done / steps, done % steps);
       }
     }
+    if (i > 0)
+      for (; done < 32 * steps; done++) exp_unit(&st, sprev, done / steps, done % steps);
+    long maxed = 0;  // units of block i's row maxima
+    if (i > 0) {  // O = P V for block i - 1, 16 rows at a time. Tile 0: P; 1: V; 4-7: O (16 values each)
+      const long q0 = (i - 1) * 32, rows = T - q0 < 32 ? T - q0 : 32;
+      for (int half = 0; half < 2 && half * 16 < rows; half++) {
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        const bf16 *ph = p + half * 16 * T32;
+        for (long j = 0; j < steps; j++) {
+          const bf16 *vj = vp + j * 2048;
+          _tile_loadd(0, ph + j * 32, T32 * 2);
+          _tile_loadd(1, vj, 64);
+          _tile_dpbf16ps(4, 0, 1);
+          _tile_loadd(1, vj + 512, 64);
+          _tile_dpbf16ps(5, 0, 1);
+          _tile_loadd(1, vj + 1024, 64);
+          _tile_dpbf16ps(6, 0, 1);
+          _tile_loadd(1, vj + 1536, 64);
+          _tile_dpbf16ps(7, 0, 1);
+          if (i < blocks)
+            for (int u = 0; u < 16; u++, maxed++) max_unit(&st, si, maxed / steps, maxed % steps);
+        }
+        _tile_stored(4, o, D * 4);
+        _tile_stored(5, o + 16, D * 4);
+        _tile_stored(6, o + 32, D * 4);
+        _tile_stored(7, o + 48, D * 4);
+        for (int r = 0; r < 16 && half * 16 + r < rows; r++) {
+          const long row = half * 16 + r;
+          const __m512 w = _mm512_set1_ps(st.inverse_sum[row]);
+          bf16 *dst = a->out + ((b * T + q0 + row) * a->H + h) * D;
+          const float *src = o + r * D;
+          _mm512_storeu_si512((__m512i *)dst,
+                              to_bf16(_mm512_mul_ps(_mm512_load_ps(src), w), _mm512_mul_ps(_mm512_load_ps(src + 16), w)));
+          _mm512_storeu_si512((__m512i *)(dst + 32), to_bf16(_mm512_mul_ps(_mm512_load_ps(src + 32), w),
+                                                             _mm512_mul_ps(_mm512_load_ps(src + 48), w)));
+        }
+      }
+    }
+    if (i < blocks)
+      for (; maxed < 32 * steps; maxed++) max_unit(&st, si, maxed / steps, maxed % steps);
   }
 }
 
 static void *run(void *arg) {
   const job *a = arg;
   const long T32 = (a->T + 31) / 32 * 32;
-  // per thread: packed K and V, 32 rows of scores and of probabilities, padded queries, 16 output rows
-  const size_t kv = (size_t)T32 * D * 2, sz = (size_t)32 * T32 * 4, pz = (size_t)32 * T32 * 2;
+  // per thread: packed K and V, two blocks of 32 rows of scores, one of probabilities, padded queries, 16
+  // output rows
+  const size_t kv = (size_t)T32 * D * 2, sz = (size_t)2 * 32 * T32 * 4, pz = (size_t)32 * T32 * 2;
   char *buf = aligned_alloc(64, 2 * kv + sz + pz + 32 * D * 2 + 16 * D * 4);
   if (!buf) return (void *)1;
   bf16 *kp = (bf16 *)buf, *vp = (bf16 *)(buf + kv);
