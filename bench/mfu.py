@@ -107,9 +107,14 @@ class AttentionCalls(TorchDispatchMode):
             self.calls.append(
                 (func, tuple(map(layout, args)), tuple((k, layout(v)) for k, v in kwargs.items()))
             )
-            # the composite op and the CUDA memory-efficient kernel take the mask 4th; the others by keyword
-            positional = func.overloadpacket in MASK_FOURTH
-            mask = args[3] if positional and len(args) > 3 else kwargs.get("attn_mask")
+            # the composite op and the CUDA memory-efficient kernel take the mask 4th, the tile kernel 5th;
+            # the others by keyword
+            if func.overloadpacket is torch.ops.stllm.tile_attention:
+                mask = args[4] if len(args) > 4 else kwargs.get("mask")
+            elif func.overloadpacket in MASK_FOURTH:
+                mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            else:
+                mask = kwargs.get("attn_mask")
             self.blocked += blocked_flops(args[0], args[1], mask if isinstance(mask, torch.Tensor) else None)
         return func(*args, **kwargs)
 

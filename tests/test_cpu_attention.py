@@ -41,6 +41,38 @@ def test_tile_attention_is_as_close_to_fp32_as_sdpa(batch, heads, tokens, magnit
     torch.testing.assert_close(tile_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale), tile)
 
 
+@pytest.mark.parametrize("batch,heads,kv_heads,prefix,questions", [(2, 4, 2, 30, 3), (3, 9, 3, 274, 5)])
+def test_tile_attention_with_grouped_heads_and_a_block_mask_is_as_close_to_fp32_as_sdpa(
+    batch, heads, kv_heads, prefix, questions
+):
+    """The decoder's case: grouped K/V heads and the engine's additive block mask (a causal prefix, then
+    questions that see the prefix and themselves), the mask expanded over the batch without a copy."""
+    g = torch.Generator().manual_seed(1)
+    length = prefix + 18 * questions
+    q = torch.randn(batch, length, heads, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+    k, v = (
+        torch.randn(batch, length, kv_heads, 64, generator=g).to(torch.bfloat16).transpose(1, 2) for _ in "kv"
+    )
+    seen = torch.ones(length, length, dtype=torch.bool).tril()
+    for i in range(questions):
+        start = prefix + 18 * i
+        seen[start : start + 18, prefix:start] = False
+    blocked = torch.finfo(torch.bfloat16).min
+    mask = torch.zeros(length, length).masked_fill_(~seen, blocked).to(torch.bfloat16)[None, None]
+    mask = mask.expand(batch, 1, length, length)
+    exact = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask.float(), enable_gqa=True
+    ).transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2).float()
+    with torch.inference_mode():
+        tile = tile_attention(q, k, v, 0.125, mask)
+    tile_error, sdpa_error = (tile.float() - exact).abs(), (sdpa - exact).abs()
+    assert tile_error.mean() <= 1.1 * sdpa_error.mean() + 1e-6
+    assert tile_error.max() <= 1.5 * sdpa_error.max() + 1e-3
+    # the same mask as a (1, 1, T, T) tensor, broadcast by the kernel
+    torch.testing.assert_close(tile_attention(q, k, v, 0.125, mask[:1]), tile)
+
+
 def test_tile_attention_refuses_what_it_does_not_compute():
     """Inputs outside the kernel's reach raise a ValueError naming them, never reach the C code."""
     q, k, v = _projections(1, 2, 8)
@@ -49,9 +81,51 @@ def test_tile_attention_refuses_what_it_does_not_compute():
         (q[..., :32], k[..., :32], v[..., :32]),  # head size 32
         (q, k[:, :, :4], v[:, :, :4]),  # fewer keys than queries
         (q.transpose(-1, -2), k, v),  # last dimension not contiguous
+        (q, k[:, :1].expand(1, 3, 8, 64), v[:, :1].expand(1, 3, 8, 64)),  # 2 query heads over 3 K/V heads
     ):
         with pytest.raises(ValueError, match="tile attention takes"):
             tile_attention(*bad, 0.125)
+    with pytest.raises(ValueError, match="tile attention takes"):  # a mask per head
+        tile_attention(q, k, v, 0.125, torch.zeros(1, 2, 8, 8, dtype=torch.bfloat16))
+
+
+def test_bf16_decoder_scores_with_the_tile_kernel_and_falls_back_to_sdpa_elsewhere(tmp_path):
+    """inference_weights() on a CPU points a Llama decoder's attention (head size 64) at the tile kernel: the
+    one-pass scoring runs it (grouped K/V heads, block mask), as close to the fp32 model's scores as SDPA;
+    a causal prefill without a mask and decoding take SDPA."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.io import build_model
+    from workers.stllm.tiny import tiny_smolvlm
+
+    spec = tiny_smolvlm(tmp_path / "smol", text_hidden=256)  # 4 query heads of 64 over 2 K/V heads
+    model = build_model(spec, device="cpu", dtype="bf16").eval().inference_weights()
+    assert model.lm.config._attn_implementation == cpu_attention.DECODER_ATTENTION
+    frames = torch.randint(
+        0, 255, (4, 48, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    feats = model.frame_features(frames)
+    video = model.video_tokens(
+        feats[:4].view(2, 2, *feats.shape[1:]), feats.unsqueeze(0).expand(2, -1, -1, -1)
+    )
+    questions, candidates = ["Is there a jam?", "Is a hand in view?"], ["yes", "no"]
+
+    register_flop_counts()
+    with FlopCounterMode(display=False) as counter:
+        tiled = model.score(video, questions, candidates)
+    assert counter.get_flop_counts()["Global"].get(torch.ops.stllm.tile_attention, 0) > 0
+    model.lm.config._attn_implementation = "sdpa"
+    sdpa = model.score(video, questions, candidates)
+    exact = build_model(spec, device="cpu", dtype="fp32").eval().score(video.float(), questions, candidates)
+    tile_error, sdpa_error = (tiled - exact).abs().mean(), (sdpa - exact).abs().mean()
+    assert 0 < tile_error <= 1.25 * sdpa_error + 1e-3
+
+    model.lm.config._attn_implementation = cpu_attention.DECODER_ATTENTION
+    with FlopCounterMode(display=False) as counter:  # causal prefill without a mask, then decoding
+        text = model.generate(video[:1], "What happens?", max_new_tokens=3)
+    assert len(text) == 1 and isinstance(text[0], str)
+    assert torch.ops.stllm.tile_attention not in counter.get_flop_counts()["Global"]
 
 
 def test_bf16_vision_tower_runs_its_attention_on_the_tile_kernel(tmp_path):

@@ -95,7 +95,7 @@ def _library() -> ctypes.CDLL | None:
         if lib.stllm_attention_init() != 0:
             raise RuntimeError("the kernel refused the tile registers' state (Linux 5.16+ needed)")
         lib.stllm_attention.restype = ctypes.c_int
-        lib.stllm_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3
+        lib.stllm_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 4
         lib.stllm_attention.argtypes += [ctypes.c_float, ctypes.c_int]
     except (OSError, RuntimeError) as e:
         log.info("tile attention kernel not used, SDPA instead: %s", e)
@@ -109,26 +109,39 @@ def available() -> bool:
     return _library() is not None
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`tile_attention` takes these inputs: bf16 CPU tensors (B, H, T, 64) of one shape, the
-    last dimension contiguous, T up to :data:`MAX_TOKENS`. No mask and not causal are the caller's part."""
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """Whether :func:`tile_attention` takes these inputs: bf16 CPU tensors, q (B, H, T, 64) and k, v
+    (B, Hkv, T, 64) with H a multiple of Hkv (grouped-query attention), the last dimension contiguous, T up
+    to :data:`MAX_TOKENS`; ``mask`` None or an additive bf16 mask that broadcasts to (B, 1, T, T)."""
+    tensors = (q, k, v) if mask is None else (q, k, v, mask)
+    if not all(x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 for x in tensors):
+        return False
+    (b, h, t, d), kv = q.shape, k.shape
     return (
-        all(x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1 for x in (q, k, v))
-        and q.dim() == 4
-        and q.shape == k.shape == v.shape
-        and q.shape[-1] == HEAD_DIM
-        and 0 < q.shape[2] <= MAX_TOKENS
+        all(x.stride(-1) == 1 for x in (q, k, v))
+        and kv == v.shape
+        and (kv[0], kv[2], kv[3]) == (b, t, d)
+        and h % kv[1] == 0
+        and d == HEAD_DIM
+        and 0 < t <= MAX_TOKENS
+        and (
+            mask is None
+            or (mask.shape[1] == 1 and torch.broadcast_shapes(mask.shape, (b, 1, t, t)) == (b, 1, t, t))
+        )
     )
 
 
 @torch.library.custom_op("stllm::tile_attention", mutates_args=())
-def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scale Q K^T) V, without a mask, as (B, T, H, 64) contiguous (the layout attention layers
-    reshape their output from). Takes what :func:`supported` accepts; needs :func:`available`. No autograd."""
-    if not supported(q, k, v):
+def tile_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(scale Q K^T + mask) V as (B, T, H, 64) contiguous (the layout attention layers reshape their
+    output from). Takes what :func:`supported` accepts; needs :func:`available`. No autograd."""
+    if not supported(q, k, v, mask):
         raise ValueError(
-            f"tile attention takes bf16 CPU (B, H, T, {HEAD_DIM}) tensors of one shape, T <= {MAX_TOKENS}: "
-            f"got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+            f"tile attention takes bf16 CPU q (B, H, T, {HEAD_DIM}), k and v (B, H / n, T, {HEAD_DIM}), "
+            f"T <= {MAX_TOKENS}, a bf16 mask broadcasting to (B, 1, T, T) or none: got "
+            + ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in (q, k, v, mask) if x is not None)
         )
     lib = _library()
     if lib is None:
@@ -136,10 +149,15 @@ def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     b, h, t, d = q.shape
     out = torch.empty(b, t, h, d, dtype=q.dtype)
     strides = [(ctypes.c_long * 3)(*x.stride()[:3]) for x in (q, k, v)]
-    threads = torch.get_num_threads()
+    if mask is not None:
+        mask = mask.expand(b, 1, t, t)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    mask_strides = (ctypes.c_long * 2)(*(mask.stride(0), mask.stride(2)) if mask is not None else (0, 0))
     status = lib.stllm_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, t, *strides, scale, threads
-    )
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, out.data_ptr(),
+        b, h, k.shape[1], t, *strides, mask_strides, scale, torch.get_num_threads(),
+    )  # fmt: skip
     if status == -1:
         raise MemoryError("tile attention: could not allocate its buffers")
     if status != 0:
@@ -148,7 +166,9 @@ def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 @tile_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     b, h, t, d = q.shape
     return q.new_empty(b, t, h, d)
 
@@ -178,6 +198,68 @@ def _vision_attention_forward(self, hidden_states: torch.Tensor, attention_mask=
     return self.out_proj(out.view(*hidden_states.shape[:-1], -1)), None
 
 
+DECODER_ATTENTION = "stllm_tile"  # the name the decoders' attention is registered under in transformers
+
+
+def _decoder_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """transformers' attention function for the decoders :func:`use_tile_attention` switched: the tile
+    kernel for bf16 inference over one sequence under an explicit mask (the engine's one-pass scoring, its
+    block mask), SDPA (transformers' own function) for everything else: causal prefill without a mask (SDPA
+    skips the masked half), decoding over a cache, training."""
+    mask = attention_mask
+    if (
+        mask is not None
+        and not module.training
+        and dropout == 0.0
+        and not any(
+            kwargs.get(k) is not None for k in ("softcap", "position_bias", "sliding_window", "s_aux")
+        )
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)))
+        and available()
+    ):
+        if mask.dtype == torch.bool:  # True: attend
+            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        if supported(query, key, value, mask):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return tile_attention(query, key, value, scale, mask), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **kwargs,
+    )
+
+
+def _register_decoder_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODER_ATTENTION, _decoder_attention)
+    AttentionMaskInterface.register(DECODER_ATTENTION, sdpa_mask)  # masks made as for SDPA
+
+
+def _is_decoder_attention(module: nn.Module) -> bool:
+    names = {n for n, _ in module.named_children()}
+    config = getattr(module, "config", None)
+    return (
+        {"q_proj", "k_proj", "v_proj", "o_proj"} <= names
+        and getattr(module, "is_causal", None) is True
+        and getattr(module, "head_dim", None) == HEAD_DIM
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+    )
+
+
 def _is_vision_attention(module: nn.Module) -> bool:
     names = {n for n, _ in module.named_children()}
     return (
@@ -189,12 +271,19 @@ def _is_vision_attention(module: nn.Module) -> bool:
 
 
 def use_tile_attention(model: nn.Module) -> int:
-    """Switch ``model``'s ViT attention layers (SigLIP, Idefics3's vision tower) to the tile kernel, in place.
-    Returns how many changed: 0 where :func:`available` is false or the model has none."""
-    layers = [m for m in model.modules() if _is_vision_attention(m)]
-    if not layers or not available():
+    """Switch ``model``'s attention to the tile kernel where it applies, in place: ViT attention layers
+    (SigLIP, Idefics3's vision tower) and the attention of Llama-family decoders running SDPA (their config's
+    attention implementation becomes ``"stllm_tile"``, which falls back to SDPA call by call). Returns how many
+    layers changed: 0 where :func:`available` is false or the model has none."""
+    vision = [m for m in model.modules() if _is_vision_attention(m)]
+    decoder = [m for m in model.modules() if _is_decoder_attention(m)]
+    if not (vision or decoder) or not available():
         return 0
-    for m in layers:
+    for m in vision:
         m.forward = types.MethodType(_vision_attention_forward, m)
-    log.debug("%d vision attention layers on the tile kernel", len(layers))
-    return len(layers)
+    if decoder:
+        _register_decoder_attention()
+        for m in decoder:
+            m.config._attn_implementation = DECODER_ATTENTION
+    log.debug("tile attention: %d vision and %d decoder attention layers", len(vision), len(decoder))
+    return len(vision) + len(decoder)

@@ -1,8 +1,10 @@
-// Attention without a mask for bf16 inputs on CPUs with AMX (Intel Sapphire Rapids and later):
-// out = softmax(scale * Q K^T) V for every (batch, head), head size 64. Built and loaded by
-// workers/stllm/cpu_attention.py, which says when it is used.
+// Attention for bf16 inputs on CPUs with AMX (Intel Sapphire Rapids and later):
+// out = softmax(scale * Q K^T + mask) V for every (batch, head), head size 64, queries and keys of one
+// length, grouped K/V heads (GQA) and an optional additive bf16 mask shared by the heads. Built and loaded
+// by workers/stllm/cpu_attention.py, which says when it is used.
 //
-// One (batch, head) at a time, per thread: K and V are packed into the tile unit's pair-interleaved layout
+// One (batch, K/V head) at a time, per thread: K and V are packed into the tile unit's pair-interleaved layout
+// once for the query heads that share them
 // (K transposed), then 32 query rows at a time: S = Q K^T on the tiles (fp32), each row's softmax over all
 // its keys with AVX-512 (the whole row fits in L2: no running rescale as in flash attention), P rounded to
 // bf16 as SDPA does, O = P V on the tiles, divided by the row's sum and written as bf16 into (B, T, H, 64).
@@ -84,12 +86,13 @@ static inline void transpose16(__m512i r[16]) {
 }
 
 typedef struct {
-  const bf16 *q, *k, *v;
+  const bf16 *q, *k, *v, *mask;
   bf16 *out;
-  long B, H, T;
+  long B, H, Hkv, T;
   long qs[3], ks[3], vs[3];  // element strides of batch, head and token; the head dimension is contiguous
+  long ms[2];                // the mask's strides of batch and query row; its key dimension is contiguous
   float scale;
-  long first, last;  // this thread's (batch, head) pairs
+  long first, last;  // this thread's (batch, K/V head) pairs
 } job;
 
 static inline __mmask16 first_n(long n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
@@ -103,10 +106,18 @@ typedef struct {  // the softmax of one block of 32 query rows, computed in unit
   float max[32], inverse_sum[32];  // per row, once its last unit is done
 } softmax_state;
 
-// One unit of the row maxima: 32 keys of row r at step k (keys past T left out).
-static inline void max_unit(softmax_state *st, const float *s, long r, long k) {
-  const float *sr = s + r * st->T32 + k * 32;
+// One unit of the row maxima: 32 keys of row r at step k (keys past T left out). With a mask, the mask's
+// row r (of the block's rows that exist) is added to the scores first, in place.
+static inline void max_unit(softmax_state *st, float *s, long r, long k, const bf16 *mask, long mask_row, long rows) {
+  float *sr = s + r * st->T32 + k * 32;
   const long left = st->T - k * 32;
+  if (mask && r < rows) {
+    const bf16 *mr = mask + r * mask_row + k * 32;
+    const __m512i m0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first_n(left), mr));
+    const __m512i m1 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first_n(left - 16), mr + 16));
+    _mm512_store_ps(sr, _mm512_add_ps(_mm512_load_ps(sr), _mm512_castsi512_ps(_mm512_slli_epi32(m0, 16))));
+    _mm512_store_ps(sr + 16, _mm512_add_ps(_mm512_load_ps(sr + 16), _mm512_castsi512_ps(_mm512_slli_epi32(m1, 16))));
+  }
   __m512 m = k == 0 ? _mm512_set1_ps(-__builtin_inff()) : _mm512_load_ps(st->running_max[r]);
   m = _mm512_mask_max_ps(m, first_n(left), m, _mm512_load_ps(sr));
   m = _mm512_mask_max_ps(m, first_n(left - 16), m, _mm512_load_ps(sr + 16));
@@ -134,11 +145,10 @@ static inline void exp_unit(softmax_state *st, const float *s, long r, long k) {
   else _mm512_store_ps(st->running_sum[r], sum);
 }
 
-static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s, bf16 *p, bf16 *qpad,
-                     float *o) {
+// K and V of batch b, K/V head g, packed for the tile unit.
+static void pack_kv(const job *a, long b, long g, bf16 *kp, bf16 *vp) {
   const long T = a->T, T32 = (T + 31) / 32 * 32;  // keys padded to whole 32-key steps
-  const bf16 *Q = a->q + b * a->qs[0] + h * a->qs[1], *K = a->k + b * a->ks[0] + h * a->ks[1];
-  const bf16 *V = a->v + b * a->vs[0] + h * a->vs[1];
+  const bf16 *K = a->k + b * a->ks[0] + g * a->ks[1], *V = a->v + b * a->vs[0] + g * a->vs[1];
   // K^T packed: per 16 keys and per half of the head (32 values), row kk holds the pairs
   // (K[key][2kk], K[key][2kk + 1]) of the 16 keys.
   for (long j = 0; j < T32 / 16; j++)
@@ -171,6 +181,14 @@ static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s,
       _mm512_store_si512((__m512i *)(dst + 1024), _mm512_permutex2var_epi16(a1, low, b1));
       _mm512_store_si512((__m512i *)(dst + 1536), _mm512_permutex2var_epi16(a1, high, b1));
     }
+}
+
+// Query head h of batch b over the packed K and V.
+static void one_head(const job *a, long b, long h, const bf16 *kp, const bf16 *vp, float *s, bf16 *p,
+                     bf16 *qpad, float *o) {
+  const long T = a->T, T32 = (T + 31) / 32 * 32;
+  const bf16 *Q = a->q + b * a->qs[0] + h * a->qs[1];
+  const bf16 *mask = a->mask ? a->mask + b * a->ms[0] : NULL;
   const float c = a->scale * 1.44269504f;  // exp(scale (x - max)) = 2^(c x - c max)
   const long steps = T32 / 32, blocks = (T + 31) / 32;
   // Query blocks of 32 rows run as a pipeline, so that the tile unit's products and the vector unit's
@@ -214,6 +232,8 @@ static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s,
     if (i > 0)
       for (; done < 32 * steps; done++) exp_unit(&st, sprev, done / steps, done % steps);
     long maxed = 0;  // units of block i's row maxima
+    const long irows = T - i * 32 < 32 ? T - i * 32 : 32;  // block i's rows that exist (if i < blocks)
+    const bf16 *mrows = mask ? mask + i * 32 * a->ms[1] : NULL;
     if (i > 0) {  // O = P V for block i - 1, 16 rows at a time. Tile 0: P; 1: V; 4-7: O (16 values each)
       const long q0 = (i - 1) * 32, rows = T - q0 < 32 ? T - q0 : 32;
       for (int half = 0; half < 2 && half * 16 < rows; half++) {
@@ -234,7 +254,7 @@ static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s,
           _tile_loadd(1, vj + 1536, 64);
           _tile_dpbf16ps(7, 0, 1);
           if (i < blocks)
-            for (int u = 0; u < 16; u++, maxed++) max_unit(&st, si, maxed / steps, maxed % steps);
+            for (int u = 0; u < 16; u++, maxed++) max_unit(&st, si, maxed / steps, maxed % steps, mrows, a->ms[1], irows);
         }
         _tile_stored(4, o, D * 4);
         _tile_stored(5, o + 16, D * 4);
@@ -253,7 +273,7 @@ static void one_head(const job *a, long b, long h, bf16 *kp, bf16 *vp, float *s,
       }
     }
     if (i < blocks)
-      for (; maxed < 32 * steps; maxed++) max_unit(&st, si, maxed / steps, maxed % steps);
+      for (; maxed < 32 * steps; maxed++) max_unit(&st, si, maxed / steps, maxed % steps, mrows, a->ms[1], irows);
   }
 }
 
@@ -270,28 +290,38 @@ static void *run(void *arg) {
   bf16 *p = (bf16 *)(buf + 2 * kv + sz), *qpad = (bf16 *)(buf + 2 * kv + sz + pz);
   float *o = (float *)(buf + 2 * kv + sz + pz + 32 * D * 2);
   configure_tiles();
-  for (long bh = a->first; bh < a->last; bh++) one_head(a, bh / a->H, bh % a->H, kp, vp, s, p, qpad, o);
+  const long group = a->H / a->Hkv;  // query heads per K/V head
+  for (long bg = a->first; bg < a->last; bg++) {
+    const long b = bg / a->Hkv, g = bg % a->Hkv;
+    pack_kv(a, b, g, kp, vp);
+    for (long h = g * group; h < (g + 1) * group; h++) one_head(a, b, h, kp, vp, s, p, qpad, o);
+  }
   _tile_release();
   free(buf);
   return NULL;
 }
 
-// q, k, v: bf16 (B, H, T, 64) with the given element strides (batch, head, token; the last dimension
-// contiguous). out: bf16 (B, T, H, 64), contiguous. Splits the B x H heads evenly over `threads` threads
-// (the caller's and threads - 1 more). Returns 0; -1 if a buffer could not be allocated; -2 if the kernel
-// refused the tile state (asked on every call: cheap, and right in a forked worker too).
-int stllm_attention(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, long B, long H, long T,
-                    const long *qs, const long *ks, const long *vs, float scale, int threads) {
+// q: bf16 (B, H, T, 64), k and v: (B, Hkv, T, 64), H a multiple of Hkv, with the given element strides
+// (batch, head, token; the last dimension contiguous). mask: NULL, or an additive bf16 mask (B, T, T) with
+// strides ms (batch, query row; keys contiguous), the same for every head. out: bf16 (B, T, H, 64),
+// contiguous. Splits the B x Hkv K/V heads evenly over `threads` threads (the caller's and threads - 1
+// more). Returns 0; -1 if a buffer could not be allocated; -2 if the kernel refused the tile state (asked
+// on every call: cheap, and right in a forked worker too).
+int stllm_attention(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *mask, bf16 *out, long B, long H,
+                    long Hkv, long T, const long *qs, const long *ks, const long *vs, const long *ms, float scale,
+                    int threads) {
   if (stllm_attention_init() != 0) return -2;
+  const long pairs = B * Hkv;
   if (threads < 1) threads = 1;
   if (threads > 256) threads = 256;
-  if (threads > B * H) threads = (int)(B * H);
+  if (threads > pairs) threads = (int)pairs;
   job jobs[256];
   pthread_t ids[256];
   int started[256] = {0}, failed = 0;
   for (int t = 0; t < threads; t++) {
-    job j = {q, k, v, out, B, H, T, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, scale,
-             B * H * t / threads, B * H * (t + 1) / threads};
+    job j = {q,     k,     v,     mask,  out,   B,     H,     Hkv,   T,
+             {qs[0], qs[1], qs[2]},     {ks[0], ks[1], ks[2]},     {vs[0], vs[1], vs[2]},
+             {mask ? ms[0] : 0, mask ? ms[1] : 0},     scale, pairs * t / threads, pairs * (t + 1) / threads};
     jobs[t] = j;
   }
   for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run, &jobs[t]) == 0;
