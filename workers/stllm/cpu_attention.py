@@ -1,21 +1,24 @@
-"""Vision-tower attention on the CPU's matrix unit (AMX), for bf16 serving.
+"""Attention on the CPU's tile unit (AMX), for bf16 serving.
 
 A SigLIP tower at SmolVLM2's 512 px attends over 1024 patches per frame, 12 heads of 64. torch's CPU flash
-attention runs that at ~650 GFLOP/s here, a fifth of the GEMM peak, and it was a third of the tower's time.
-``csrc/cpu_attention.c`` computes the same thing on the tile unit: for each (frame, head), K and V packed
-once into the tile layout, then 32 query rows at a time: the scores on the tiles, each row's softmax over
-all its keys with AVX-512 (a whole row fits in cache, so no running rescale), the probabilities rounded to
-bf16 as SDPA does, and their product with V on the tiles. 1.4-1.5x SDPA's speed at the tower's shape
-(``bench/kernels.py``), with SDPA's error against fp32 (``tests/test_engine.py``).
+attention ran that at ~650 GFLOP/s here, a fifth of the GEMM peak, and a third of the tower's time; the
+decoder's masked one-pass scoring ran at ~190-440. ``csrc/cpu_attention.c`` computes the same thing on the
+tile unit: for each (batch, K/V head), K and V packed once into the tile layout, then 32 query rows at a
+time: the scores on the tiles, the mask added, each row's softmax over all its keys with AVX-512 (a whole
+row fits in cache, so no running rescale), the probabilities rounded to bf16 as SDPA does, and their product
+with V on the tiles; one block's products overlap the previous block's softmax. 1.67x SDPA at the tower's
+shape, 1.45x at the scoring's (``bench/kernels.py``), with SDPA's error against fp32
+(``tests/test_cpu_attention.py``).
 
-It is used only where all of this holds, and SDPA runs otherwise: a CPU with AMX-BF16 under Linux, a C
-compiler to build the kernel on first use (``cc``, or ``$CC``; the library is cached under
-``$XDG_CACHE_HOME/stllm-labeling``), bf16 inputs, head size 64, no mask, not causal, no autograd. Set
+It runs only where all of this holds, and SDPA otherwise: a CPU with AMX-BF16 under Linux, a C compiler to
+build the kernel on first use (``cc``, or ``$CC``; the library is cached under
+``$XDG_CACHE_HOME/stllm-labeling``), bf16 inputs, head size 64, queries and keys of one length, no autograd,
+and either no mask (vision) or an additive mask shared by the heads (the decoder). Set
 ``STLLM_AMX_ATTENTION=0`` to keep SDPA.
 
-:func:`use_tile_attention` switches a model's vision attention layers to it (``STLLM.inference_weights``
-does this on CPUs). The kernel is registered as the torch operator ``stllm::tile_attention``, so
-FlopCounterMode and profilers see it.
+:func:`use_tile_attention` switches a model's vision attention layers and Llama-family decoders to it
+(``STLLM.inference_weights`` does this on CPUs). The kernel is registered as the torch operator
+``stllm::tile_attention``, so FlopCounterMode and profilers see it.
 """
 
 from __future__ import annotations
