@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from workers.stllm import cpu_attention  # noqa: E402
+from workers.stllm import cpu_kernels  # noqa: E402
 from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -110,9 +110,9 @@ def attention_lines() -> None:
     print(f"  contiguous                {gflop / best_ms(lambda: sdpa(qc, kc, vc), 5) * 1e3:5.0f}")
     one_by_one = best_ms(lambda: [sdpa(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(frames)], 5)
     print(f"  one frame at a time       {gflop / one_by_one * 1e3:5.0f}")
-    if cpu_attention.available():  # the kernel serving uses on AMX CPUs; SDPA's output transposed as its is
+    if cpu_kernels.available():  # the kernel serving uses on AMX CPUs; SDPA's output transposed as its is
         flash = best_ms(lambda: sdpa(q, k, v).transpose(1, 2).contiguous(), 5)
-        tile = best_ms(lambda: cpu_attention.tile_attention(q, k, v, dim**-0.5), 5)
+        tile = best_ms(lambda: cpu_kernels.tile_attention(q, k, v, dim**-0.5), 5)
         print(
             f"  tile kernel (serving)     {gflop / tile * 1e3:5.0f}  ({flash / tile:.2f}x SDPA with its output transposed)"
         )
@@ -135,7 +135,7 @@ def attention_lines() -> None:
     mask = mask.to(BF16)
     ms = best_ms(lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True), 30)
     print(f"  question pass, {rows} x 9 heads x {width} over {cached} cached, masked: {ms:.2f} ms")
-    if cpu_attention.available():  # one-pass scoring: 32 windows x (274-token prefix + 5 questions of 18)
+    if cpu_kernels.available():  # one-pass scoring: 32 windows x (274-token prefix + 5 questions of 18)
         batch, prefix, length = 32, 274, 274 + 5 * 18
         q = rand(batch, length, 9, dim).transpose(1, 2)
         k, v = (rand(batch, length, 3, dim).transpose(1, 2) for _ in range(2))
@@ -147,7 +147,7 @@ def attention_lines() -> None:
         flash = best_ms(
             lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2).contiguous(), 5
         )
-        tile = best_ms(lambda: cpu_attention.tile_attention(q, k, v, dim**-0.5, mask), 5)
+        tile = best_ms(lambda: cpu_kernels.tile_attention(q, k, v, dim**-0.5, mask), 5)
         print(
             f"  one-pass scoring, {batch} x 9 heads (3 K/V) x {length} tokens, block mask: SDPA {flash:.1f} ms, "
             f"tile kernel {tile:.1f} ms"

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, ".")
-from workers.stllm import cpu_attention  # noqa: E402, F401  (registers torch.ops.stllm.tile_attention)
+from workers.stllm import cpu_kernels  # noqa: E402, F401  (registers torch.ops.stllm.tile_attention)
 from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from workers.stllm import cpu_kernels
+
 log = logging.getLogger(__name__)
 
 # activation classes (by name: torch's and transformers') -> whether the model's GELU is the tanh form
@@ -157,6 +159,8 @@ def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     module's own forward."""
     if not _fusable(x, self):
         return type(self).forward(self, x)
+    if (out := cpu_kernels.rms_norm(x, self.weight, self.variance_epsilon)) is not None:
+        return out  # one pass in C where the CPU kernels are built (workers.stllm.cpu_kernels)
     h = x.to(torch.float32, copy=True)  # scaled in place below: never the caller's tensor
     mean_square = torch.linalg.vector_norm(h, dim=-1, keepdim=True).square_().div_(h.shape[-1])
     return h.mul_(mean_square.add_(self.variance_epsilon).rsqrt_()).to(x.dtype).mul_(self.weight)
@@ -197,7 +201,7 @@ def register_flop_counts() -> None:
     """Teach ``torch.utils.flop_counter.FlopCounterMode`` the CPU kernels it misses, so FLOP counts
     (bench/mfu.py) include them: the fused linear layers (2 x M x K x N, as the layers they replace), the
     folded convolutions (as the convolutions they replace), CPU flash attention (torch's count for
-    attention, halved when causal) and the tile attention kernel (:mod:`workers.stllm.cpu_attention`).
+    attention, halved when causal) and the tile attention kernel (:mod:`workers.stllm.cpu_kernels`).
     Safe to call more than once."""
     from torch.utils import flop_counter
 
@@ -220,8 +224,6 @@ def register_flop_counts() -> None:
             return 2 * rows * x_shape[-1] * out_shape[-1]
 
         flop_counter.register_flop_formula(linear)(linear_flops)
-    from workers.stllm import cpu_attention  # noqa: F401  (registers torch.ops.stllm.tile_attention)
-
     tile = torch.ops.stllm.tile_attention
     if tile not in flop_counter.flop_registry:
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from workers.stllm.backbones import Backbone
-from workers.stllm.cpu_attention import use_tile_attention
+from workers.stllm.cpu_kernels import use_tile_attention
 from workers.stllm.fused import fuse_linear_layers
 from workers.stllm.video import preprocess_frames
 
@@ -169,7 +169,7 @@ class STLLM(nn.Module):
         """Store every weight in the compute dtype (bf16 on GPUs and bf16-capable CPUs) for serving: half the
         memory, and no per-call weight casts under autocast. On a CPU, linear layers and MLPs then run
         oneDNN's fused kernels (:mod:`workers.stllm.fused`), and a ViT vision tower's attention the tile kernel
-        where the CPU has AMX (:mod:`workers.stllm.cpu_attention`). Inference only: training keeps fp32
+        where the CPU has AMX (:mod:`workers.stllm.cpu_kernels`). Inference only: training keeps fp32
         weights."""
         if self.compute_dtype != torch.float32:
             self.to(self.compute_dtype)

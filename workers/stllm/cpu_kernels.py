@@ -1,24 +1,30 @@
-"""Attention on the CPU's tile unit (AMX), for bf16 serving.
+"""CPU kernels for bf16 serving on the tile unit (AMX) and AVX-512: attention, and a Llama decoder's RMSNorm and
+rotary embedding.
 
-A SigLIP tower at SmolVLM2's 512 px attends over 1024 patches per frame, 12 heads of 64. torch's CPU flash
-attention ran that at ~650 GFLOP/s here, a fifth of the GEMM peak, and a third of the tower's time; the
-decoder's masked one-pass scoring ran at ~190-440. ``csrc/cpu_attention.c`` computes the same thing on the
-tile unit: for each (batch, K/V head), K and V packed once into the tile layout, then 32 query rows at a
-time: the scores on the tiles, the mask added, each row's softmax over all its keys with AVX-512 (a whole
-row fits in cache, so no running rescale), the probabilities rounded to bf16 as SDPA does, and their product
-with V on the tiles; one block's products overlap the previous block's softmax. 1.67x SDPA at the tower's
-shape, 1.45x at the scoring's (``bench/kernels.py``), with SDPA's error against fp32
-(``tests/test_cpu_attention.py``).
+**Attention.** A SigLIP tower at SmolVLM2's 512 px attends over 1024 patches per frame, 12 heads of 64.
+torch's CPU flash attention ran that at ~650 GFLOP/s here, a fifth of the GEMM peak, and a third of the
+tower's time; the decoder's masked one-pass scoring ran at ~190-440. ``csrc/cpu_kernels.c`` computes the
+same thing on the tile unit: for each (batch, K/V head), K and V packed once into the tile layout, then 32
+query rows at a time: the scores on the tiles, the mask added, each row's softmax over all its keys with
+AVX-512 (a whole row fits in cache, so no running rescale), the probabilities rounded to bf16 as SDPA does,
+and their product with V on the tiles; one block's products overlap the previous block's softmax. 1.6x
+SDPA at the tower's shape, 1.45-2x at the scoring's (``bench/kernels.py``), with SDPA's error against fp32
+(``tests/test_cpu_kernels.py``). It runs where the inputs are bf16, head size 64, queries and keys of one
+length, no autograd, and either no mask (vision) or an additive mask shared by the heads (the decoder);
+SDPA runs otherwise.
 
-It runs only where all of this holds, and SDPA otherwise: a CPU with AMX-BF16 under Linux, a C compiler to
-build the kernel on first use (``cc``, or ``$CC``; the library is cached under
-``$XDG_CACHE_HOME/stllm-labeling``), bf16 inputs, head size 64, queries and keys of one length, no autograd,
-and either no mask (vision) or an additive mask shared by the heads (the decoder). Set
-``STLLM_AMX_ATTENTION=0`` to keep SDPA.
+**RMSNorm and RoPE.** In eager PyTorch these are 4-7 passes each over the decoder's activations (casts,
+products, a concatenation), a third of the scoring time of a 135M decoder. The kernels make one pass with
+the module's roundings: RoPE bit for bit, RMSNorm up to the fp32 sum's order.
 
-:func:`use_tile_attention` switches a model's vision attention layers and Llama-family decoders to it
-(``STLLM.inference_weights`` does this on CPUs). The kernel is registered as the torch operator
-``stllm::tile_attention``, so FlopCounterMode and profilers see it.
+All of it needs a CPU with AMX-BF16 under Linux and a C compiler to build the library on first use (``cc``,
+or ``$CC``; cached under ``$XDG_CACHE_HOME/stllm-labeling``). Elsewhere, or with ``STLLM_CPU_KERNELS=0``,
+everything runs as in eager PyTorch.
+
+:func:`use_tile_attention` switches a model's vision attention layers and Llama-family decoders to them
+(``STLLM.inference_weights`` does this on CPUs); RMSNorm goes through :mod:`workers.stllm.fused`. The
+attention kernel is registered as the torch operator ``stllm::tile_attention``, so FlopCounterMode and
+profilers see it.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = [
     "-O3",
     "-mavx512f",
@@ -70,7 +76,7 @@ def _build(cache: Path) -> Path:
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build it")
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache / f"cpu_attention-{digest}.so"
+    target = cache / f"cpu_kernels-{digest}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -87,7 +93,7 @@ def _build(cache: Path) -> Path:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (logged once, with the reason) where it cannot run here."""
-    if os.environ.get("STLLM_AMX_ATTENTION", "1") == "0":
+    if os.environ.get("STLLM_CPU_KERNELS", "1") == "0":
         return None
     try:
         missing = {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} - _cpu_flags()
@@ -100,6 +106,13 @@ def _library() -> ctypes.CDLL | None:
         lib.stllm_attention.restype = ctypes.c_int
         lib.stllm_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 4
         lib.stllm_attention.argtypes += [ctypes.c_float, ctypes.c_int]
+        lib.stllm_rms_norm.restype = lib.stllm_rope.restype = None
+        lib.stllm_rms_norm.argtypes = (
+            [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_int]
+        )
+        lib.stllm_rope.argtypes = (
+            [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        )
     except (OSError, RuntimeError) as e:
         log.info("tile attention kernel not used, SDPA instead: %s", e)
         return None
@@ -201,6 +214,73 @@ def _vision_attention_forward(self, hidden_states: torch.Tensor, attention_mask=
     return self.out_proj(out.view(*hidden_states.shape[:-1], -1)), None
 
 
+def _inference_bf16(*tensors: torch.Tensor) -> bool:
+    return all(x.device.type == "cpu" and x.dtype == torch.bfloat16 for x in tensors) and not (
+        torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Llama's RMSNorm of bf16 ``x`` in one pass, with the module's roundings (up to the fp32 sum's order);
+    None where the kernel does not take it (then use the module): another dtype or device, autograd, a width
+    not a multiple of 16, a non-contiguous input."""
+    width = x.shape[-1]
+    if not (x.dim() >= 2 and width % 16 == 0 and weight.shape == (width,) and _inference_bf16(x, weight)):
+        return None
+    if not (x.is_contiguous() and weight.is_contiguous()) or (lib := _library()) is None:
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    rows = x.numel() // width
+    threads = torch.get_num_threads()
+    lib.stllm_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, width, width, eps, threads)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """Llama's rotary embedding ``(x * cos) + (rotate_half(x) * sin)`` of bf16 ``x`` (B, H, T, 64) with cos
+    and sin (B or 1, T, 64), in one pass with the same roundings (bit for bit). The result is (B, H, T, 64)
+    laid out as (B, T, H, 64), as the projection it comes from. None where the kernel does not take it."""
+    if not (x.dim() == 4 and cos.dim() == 3 and x.shape[-1] == HEAD_DIM and _inference_bf16(x, cos, sin)):
+        return None
+    b, h, t, d = x.shape
+    if (
+        cos.shape != sin.shape
+        or cos.shape[1:] != (t, d)
+        or cos.shape[0] not in (1, b)
+        or cos.stride() != sin.stride()
+    ):
+        return None
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or (lib := _library()) is None:
+        return None
+    out = torch.empty(b, t, h, d, dtype=x.dtype)
+    xs = (ctypes.c_long * 3)(*x.stride()[:3])
+    cs = (ctypes.c_long * 2)(0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1))
+    lib.stllm_rope(
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), b, h, t, xs, cs, torch.get_num_threads()
+    )
+    return out.transpose(1, 2)
+
+
+def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' Llama ``apply_rotary_pos_emb`` with :func:`rope` where it applies."""
+    if unsqueeze_dim == 1 and (q_embed := rope(q, cos, sin)) is not None:
+        if (k_embed := rope(k, cos, sin)) is not None:
+            return q_embed, k_embed
+    return _LLAMA_ROPE(q, k, cos, sin, unsqueeze_dim)
+
+
+_LLAMA_ROPE = None  # transformers' own function, kept when it is replaced
+
+
+def _use_rope_kernel() -> None:
+    global _LLAMA_ROPE
+    from transformers.models.llama import modeling_llama
+
+    if _LLAMA_ROPE is None:
+        _LLAMA_ROPE = modeling_llama.apply_rotary_pos_emb
+        modeling_llama.apply_rotary_pos_emb = _apply_rotary_pos_emb
+
+
 DECODER_ATTENTION = "stllm_tile"  # the name the decoders' attention is registered under in transformers
 
 
@@ -276,8 +356,10 @@ def _is_vision_attention(module: nn.Module) -> bool:
 def use_tile_attention(model: nn.Module) -> int:
     """Switch ``model``'s attention to the tile kernel where it applies, in place: ViT attention layers
     (SigLIP, Idefics3's vision tower) and the attention of Llama-family decoders running SDPA (their config's
-    attention implementation becomes ``"stllm_tile"``, which falls back to SDPA call by call). Returns how many
-    layers changed: 0 where :func:`available` is false or the model has none."""
+    attention implementation becomes ``"stllm_tile"``, which falls back to SDPA call by call). For Llama
+    decoders, transformers' ``apply_rotary_pos_emb`` is replaced, for every Llama model in the process, by
+    one that runs :func:`rope` where it applies and the original otherwise. Returns how many layers changed:
+    0 where :func:`available` is false or the model has none."""
     vision = [m for m in model.modules() if _is_vision_attention(m)]
     decoder = [m for m in model.modules() if _is_decoder_attention(m)]
     if not (vision or decoder) or not available():
@@ -286,6 +368,8 @@ def use_tile_attention(model: nn.Module) -> int:
         m.forward = types.MethodType(_vision_attention_forward, m)
     if decoder:
         _register_decoder_attention()
+        if any(type(m).__module__ == "transformers.models.llama.modeling_llama" for m in decoder):
+            _use_rope_kernel()
         for m in decoder:
             m.config._attn_implementation = DECODER_ATTENTION
     log.debug("tile attention: %d vision and %d decoder attention layers", len(vision), len(decoder))

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.stllm import cpu_attention
-from workers.stllm.cpu_attention import tile_attention
+from workers.stllm import cpu_kernels
+from workers.stllm.cpu_kernels import tile_attention
 
 pytestmark = pytest.mark.skipif(
-    not cpu_attention.available(), reason="the tile kernel needs a CPU with AMX-BF16 and a C compiler"
+    not cpu_kernels.available(), reason="the tile kernel needs a CPU with AMX-BF16 and a C compiler"
 )
 
 
@@ -101,7 +101,7 @@ def test_bf16_decoder_scores_with_the_tile_kernel_and_falls_back_to_sdpa_elsewhe
 
     spec = tiny_smolvlm(tmp_path / "smol", text_hidden=256)  # 4 query heads of 64 over 2 K/V heads
     model = build_model(spec, device="cpu", dtype="bf16").eval().inference_weights()
-    assert model.lm.config._attn_implementation == cpu_attention.DECODER_ATTENTION
+    assert model.lm.config._attn_implementation == cpu_kernels.DECODER_ATTENTION
     frames = torch.randint(
         0, 255, (4, 48, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
@@ -121,7 +121,7 @@ def test_bf16_decoder_scores_with_the_tile_kernel_and_falls_back_to_sdpa_elsewhe
     tile_error, sdpa_error = (tiled - exact).abs().mean(), (sdpa - exact).abs().mean()
     assert 0 < tile_error <= 1.25 * sdpa_error + 1e-3
 
-    model.lm.config._attn_implementation = cpu_attention.DECODER_ATTENTION
+    model.lm.config._attn_implementation = cpu_kernels.DECODER_ATTENTION
     with FlopCounterMode(display=False) as counter:  # causal prefill without a mask, then decoding
         text = model.generate(video[:1], "What happens?", max_new_tokens=3)
     assert len(text) == 1 and isinstance(text[0], str)
@@ -160,7 +160,7 @@ def test_bf16_vision_tower_runs_its_attention_on_the_tile_kernel(tmp_path):
     assert 0 < tile_error <= 1.1 * sdpa_error
 
     layer = layers[0]
-    layer.forward = cpu_attention._vision_attention_forward.__get__(layer)
+    layer.forward = cpu_kernels._vision_attention_forward.__get__(layer)
     x = torch.randn(2, tokens, 128).to(torch.bfloat16)
     mask = torch.zeros(2, 1, tokens, tokens, dtype=torch.bfloat16)
     mask[..., -3:] = torch.finfo(torch.bfloat16).min  # the last patches are padding
@@ -171,3 +171,43 @@ def test_bf16_vision_tower_runs_its_attention_on_the_tile_kernel(tmp_path):
     out = layer(x32)[0]  # fp32 with autograd: the layer's own forward, and gradients flow
     out.sum().backward()
     assert x32.grad is not None and x32.grad.abs().sum() > 0
+
+
+def test_rope_kernel_is_llamas_rotary_embedding_bit_for_bit():
+    """The one-pass rotary embedding gives transformers' Llama result exactly, for strided q/k as the
+    projections make them and cos/sin per batch row or shared; anything else falls back to transformers."""
+    from transformers.models.llama import modeling_llama
+
+    g = torch.Generator().manual_seed(2)
+    for batch, heads, tokens, shared in ((2, 9, 37, False), (3, 3, 5, True)):
+        x = torch.randn(batch, tokens, heads, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+        angles = torch.randn(1 if shared else batch, tokens, 32, generator=g) * 3
+        cos, sin = (torch.cat([f(angles)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        expected = x * cos.unsqueeze(1) + modeling_llama.rotate_half(x) * sin.unsqueeze(1)
+        with torch.inference_mode():
+            got = cpu_kernels.rope(x, cos, sin)
+        assert got.shape == expected.shape and torch.equal(got, expected)
+    assert cpu_kernels.rope(x.float(), cos.float(), sin.float()) is None  # fp32: not taken
+    assert cpu_kernels.rope(x[..., :32], cos[..., :32], sin[..., :32]) is None  # head size 32
+
+
+def test_rms_norm_kernel_matches_the_module():
+    """The one-pass RMSNorm gives the eager module's output up to the fp32 sum's order (one bf16 step on a
+    few elements at most); fp32, autograd and odd widths are left to the module."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    norm = norm.to(torch.bfloat16)
+    x = (torch.randn(8, 111, 576) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        eager = norm(x)
+        got = cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+    differ = got != eager
+    assert differ.float().mean() < 1e-3
+    assert ((got.float() - eager.float()).abs()[differ] <= eager.float().abs()[differ] / 64).all()
+    assert cpu_kernels.rms_norm(x.float(), norm.weight.float(), 1e-5) is None
+    assert cpu_kernels.rms_norm(x[..., :40].contiguous(), norm.weight[:40], 1e-5) is None
+    with torch.enable_grad():
+        assert cpu_kernels.rms_norm(x, norm.weight.detach().requires_grad_(), 1e-5) is None

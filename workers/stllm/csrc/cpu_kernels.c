@@ -1,7 +1,7 @@
 // Attention for bf16 inputs on CPUs with AMX (Intel Sapphire Rapids and later):
 // out = softmax(scale * Q K^T + mask) V for every (batch, head), head size 64, queries and keys of one
 // length, grouped K/V heads (GQA) and an optional additive bf16 mask shared by the heads. Built and loaded
-// by workers/stllm/cpu_attention.py, which says when it is used.
+// by workers/stllm/cpu_kernels.py, which says when it is used.
 //
 // One (batch, K/V head) at a time, per thread: K and V are packed into the tile unit's pair-interleaved layout
 // once for the query heads that share them
@@ -335,4 +335,118 @@ int stllm_attention(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *mas
       failed |= r != NULL;
     }
   return failed ? -1 : 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Element-wise kernels of a Llama decoder layer in bf16, one pass each, with the eager module's roundings.
+
+typedef void (*range_fn)(const void *arg, long first, long last);
+typedef struct {
+  range_fn fn;
+  const void *arg;
+  long first, last;
+} range_job;
+
+static void *range_run(void *p) {
+  const range_job *j = p;
+  j->fn(j->arg, j->first, j->last);
+  return NULL;
+}
+
+// fn over [0, n) split evenly over `threads` threads (the caller's and threads - 1 more).
+static void parallel_for(range_fn fn, const void *arg, long n, int threads) {
+  if (threads > n) threads = (int)n;
+  if (threads > 64) threads = 64;
+  if (threads < 1) threads = 1;
+  range_job jobs[64];
+  pthread_t ids[64];
+  int started[64] = {0};
+  for (int t = 0; t < threads; t++) {
+    range_job j = {fn, arg, n * t / threads, n * (t + 1) / threads};
+    jobs[t] = j;
+  }
+  for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, range_run, &jobs[t]) == 0;
+  for (int t = 1; t < threads; t++)
+    if (!started[t]) range_run(&jobs[t]);
+  range_run(&jobs[0]);
+  for (int t = 1; t < threads; t++)
+    if (started[t]) pthread_join(ids[t], NULL);
+}
+
+static inline __m512 load_bf16(const bf16 *p) {  // 16 bf16 -> 16 floats (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m256i to_bf16_16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }  // round to nearest even
+
+static inline __m512 round_bf16(__m512 x) {  // x rounded to bf16, as a float
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_16(x)), 16));
+}
+
+typedef struct {
+  const bf16 *x, *w;
+  bf16 *out;
+  long width, x_row;
+  float eps;
+} rms_args;
+
+static void rms_rows(const void *p, long first, long last) {
+  const rms_args *a = p;
+  for (long r = first; r < last; r++) {
+    const bf16 *x = a->x + r * a->x_row;
+    bf16 *o = a->out + r * a->width;
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < a->width; i += 16) {
+      const __m512 v = load_bf16(x + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const float mean = _mm512_reduce_add_ps(acc) / (float)a->width;
+    const __m512 s = _mm512_set1_ps(1.f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + a->eps))));
+    for (long i = 0; i < a->width; i += 16) {
+      const __m512 h = round_bf16(_mm512_mul_ps(load_bf16(x + i), s));  // (x / rms(x)).to(bf16)
+      _mm256_storeu_si256((__m256i *)(o + i), to_bf16_16(_mm512_mul_ps(h, load_bf16(a->w + i))));  // weight * h
+    }
+  }
+}
+
+// Llama's RMSNorm: out = weight * (x * rsqrt(mean(x^2) + eps)).to(bf16), the mean in fp32. x: `rows` rows of
+// `width` (a multiple of 16) bf16 values, x_row apart; out: contiguous.
+void stllm_rms_norm(const bf16 *x, const bf16 *w, bf16 *out, long rows, long width, long x_row, float eps,
+                    int threads) {
+  const rms_args a = {x, w, out, width, x_row, eps};
+  parallel_for(rms_rows, &a, rows, rows * width < 65536 ? 1 : threads);
+}
+
+typedef struct {
+  const bf16 *x, *cos, *sin;
+  bf16 *out;
+  long T, H;
+  long xs[3], cs[2];
+} rope_args;
+
+static void rope_rows(const void *p, long first, long last) {
+  const rope_args *a = p;
+  for (long r = first; r < last; r++) {  // r: (b, t, h), the output's row order
+    const long b = r / (a->T * a->H), t = r / a->H % a->T, h = r % a->H;
+    const bf16 *x = a->x + b * a->xs[0] + h * a->xs[1] + t * a->xs[2];
+    const bf16 *c = a->cos + b * a->cs[0] + t * a->cs[1], *s = a->sin + b * a->cs[0] + t * a->cs[1];
+    const __m512 x0 = load_bf16(x), x1 = load_bf16(x + 16), x2 = load_bf16(x + 32), x3 = load_bf16(x + 48);
+    const __m512 rotated[4] = {_mm512_sub_ps(_mm512_setzero_ps(), x2), _mm512_sub_ps(_mm512_setzero_ps(), x3), x0, x1};
+    const __m512 xs[4] = {x0, x1, x2, x3};
+    bf16 *o = a->out + r * D;
+    for (int i = 0; i < 4; i++) {  // (x * cos) + (rotate_half(x) * sin), each product rounded to bf16
+      const __m512 y = _mm512_add_ps(round_bf16(_mm512_mul_ps(xs[i], load_bf16(c + 16 * i))),
+                                     round_bf16(_mm512_mul_ps(rotated[i], load_bf16(s + 16 * i))));
+      _mm256_storeu_si256((__m256i *)(o + 16 * i), to_bf16_16(y));
+    }
+  }
+}
+
+// Rotary position embedding as Llama applies it: (x * cos) + (rotate_half(x) * sin) in bf16, with the same
+// roundings. x: (B, H, T, 64) with element strides xs (batch, head, token); cos, sin: (B, T, 64) with strides
+// cs (batch, token); the last dimensions contiguous. out: (B, T, H, 64), contiguous.
+void stllm_rope(const bf16 *x, const bf16 *cos, const bf16 *sin, bf16 *out, long B, long H, long T, const long *xs,
+                const long *cs, int threads) {
+  const rope_args a = {x, cos, sin, out, T, H, {xs[0], xs[1], xs[2]}, {cs[0], cs[1]}};
+  parallel_for(rope_rows, &a, B * T * H, B * T * H * D < 65536 ? 1 : threads);
 }
