@@ -10,7 +10,7 @@ from workers.stllm import cpu_kernels
 from workers.stllm.cpu_kernels import tile_attention
 
 pytestmark = pytest.mark.skipif(
-    not cpu_kernels.available(), reason="the tile kernel needs a CPU with AMX-BF16 and a C compiler"
+    not cpu_kernels.available(), reason="the CPU kernels need a CPU with AMX-BF16 and a C compiler"
 )
 
 

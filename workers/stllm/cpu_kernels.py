@@ -71,7 +71,7 @@ def _cpu_flags() -> set[str]:
 
 
 def _build(cache: Path) -> Path:
-    """Compile the kernel into ``cache`` (once per source and flags; concurrent builders are safe)."""
+    """Compile the kernels into ``cache`` (once per source and flags; concurrent builders are safe)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build it")
@@ -92,7 +92,7 @@ def _build(cache: Path) -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (logged once, with the reason) where it cannot run here."""
+    """The loaded kernels, or None (logged once, with the reason) where they cannot run here."""
     if os.environ.get("STLLM_CPU_KERNELS", "1") == "0":
         return None
     try:
@@ -114,14 +114,14 @@ def _library() -> ctypes.CDLL | None:
             [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
         )
     except (OSError, RuntimeError) as e:
-        log.info("tile attention kernel not used, SDPA instead: %s", e)
+        log.info("CPU kernels not used (eager PyTorch and SDPA instead): %s", e)
         return None
-    log.debug("tile attention kernel loaded")
+    log.debug("CPU kernels loaded")
     return lib
 
 
 def available() -> bool:
-    """True where the tile kernel runs on this machine (built and loaded on the first call)."""
+    """True where the CPU kernels run on this machine (built and loaded on the first call)."""
     return _library() is not None
 
 

@@ -1,14 +1,15 @@
-// Attention for bf16 inputs on CPUs with AMX (Intel Sapphire Rapids and later):
-// out = softmax(scale * Q K^T + mask) V for every (batch, head), head size 64, queries and keys of one
-// length, grouped K/V heads (GQA) and an optional additive bf16 mask shared by the heads. Built and loaded
-// by workers/stllm/cpu_kernels.py, which says when it is used.
+// CPU kernels for bf16 serving, built and loaded by workers/stllm/cpu_kernels.py (which says when each is used):
+// attention on AMX tiles (Intel Sapphire Rapids and later), and a Llama decoder's RMSNorm and rotary
+// embedding in one AVX-512 pass each (at the end of this file).
 //
-// One (batch, K/V head) at a time, per thread: K and V are packed into the tile unit's pair-interleaved layout
-// once for the query heads that share them
-// (K transposed), then 32 query rows at a time: S = Q K^T on the tiles (fp32), each row's softmax over all
-// its keys with AVX-512 (the whole row fits in L2: no running rescale as in flash attention), P rounded to
-// bf16 as SDPA does, O = P V on the tiles, divided by the row's sum and written as bf16 into (B, T, H, 64).
-// The 32-row blocks run as a pipeline in which the tile unit's products overlap the vector unit's softmax.
+// Attention: out = softmax(scale * Q K^T + mask) V for every (batch, head), head size 64, queries and keys of
+// one length, grouped K/V heads (GQA) and an optional additive bf16 mask shared by the heads. One (batch,
+// K/V head) at a time, per thread: K and V are packed into the tile unit's pair-interleaved layout (K
+// transposed) once for the query heads that share them, then 32 query rows at a time: S = Q K^T on the tiles
+// (fp32), each row's softmax over all its keys with AVX-512 (the whole row fits in L2: no running rescale as
+// in flash attention), P rounded to bf16 as SDPA does, O = P V on the tiles, divided by the row's sum and
+// written as bf16 into (B, T, H, 64). The 32-row blocks run as a pipeline in which the tile unit's products
+// overlap the vector unit's softmax.
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
