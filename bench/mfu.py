@@ -67,7 +67,7 @@ def timed(fn, repeat: int) -> float:
 
 
 ATTENTION_OPS = {  # the composite op too: under inference_mode a dispatch mode sees it before it decomposes
-    torch.ops.stllm.tile_attention,  # the vision tower's attention on CPUs with AMX
+    torch.ops.stllm.tile_attention,  # vision tower and decoder scoring on CPUs with AMX
     torch.ops.aten.scaled_dot_product_attention,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
     torch.ops.aten._scaled_dot_product_flash_attention,

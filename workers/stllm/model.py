@@ -168,9 +168,9 @@ class STLLM(nn.Module):
     def inference_weights(self) -> STLLM:
         """Store every weight in the compute dtype (bf16 on GPUs and bf16-capable CPUs) for serving: half the
         memory, and no per-call weight casts under autocast. On a CPU, linear layers and MLPs then run
-        oneDNN's fused kernels (:mod:`workers.stllm.fused`), and a ViT vision tower's attention the tile kernel
-        where the CPU has AMX (:mod:`workers.stllm.cpu_kernels`). Inference only: training keeps fp32
-        weights."""
+        oneDNN's fused kernels (:mod:`workers.stllm.fused`), and where the CPU has AMX, attention (the vision
+        tower's, the decoder's scoring pass), RMSNorm and RoPE run :mod:`workers.stllm.cpu_kernels`.
+        Inference only: training keeps fp32 weights."""
         if self.compute_dtype != torch.float32:
             self.to(self.compute_dtype)
             if self.device.type == "cpu":
