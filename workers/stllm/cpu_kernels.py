@@ -21,7 +21,7 @@ All of it needs a CPU with AMX-BF16 under Linux and a C compiler to build the li
 or ``$CC``; cached under ``$XDG_CACHE_HOME/stllm-labeling``). Elsewhere, or with ``STLLM_CPU_KERNELS=0``,
 everything runs as in eager PyTorch.
 
-:func:`use_tile_attention` switches a model's vision attention layers and Llama-family decoders to them
+:func:`use_cpu_kernels` switches a model's vision attention layers and Llama-family decoders to them
 (``STLLM.inference_weights`` does this on CPUs); RMSNorm goes through :mod:`workers.stllm.fused`. The
 attention kernel is registered as the torch operator ``stllm::tile_attention``, so FlopCounterMode and
 profilers see it.
@@ -189,15 +189,19 @@ def _(
     return q.new_empty(b, t, h, d)
 
 
+def _inference_bf16(*tensors: torch.Tensor) -> bool:
+    return all(x.device.type == "cpu" and x.dtype == torch.bfloat16 for x in tensors) and not (
+        torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    )
+
+
 def _takes(layer: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
     return (
         attention_mask is None
         and not layer.training
-        and x.device.type == "cpu"
         and x.dim() == 3
-        and x.dtype == layer.q_proj.weight.dtype == torch.bfloat16
         and 0 < x.shape[1] <= MAX_TOKENS
-        and not (torch.is_grad_enabled() and (x.requires_grad or layer.q_proj.weight.requires_grad))
+        and _inference_bf16(x, layer.q_proj.weight)
     )
 
 
@@ -212,12 +216,6 @@ def _vision_attention_forward(self, hidden_states: torch.Tensor, attention_mask=
     )
     out = tile_attention(q, k, v, self.scale)
     return self.out_proj(out.view(*hidden_states.shape[:-1], -1)), None
-
-
-def _inference_bf16(*tensors: torch.Tensor) -> bool:
-    return all(x.device.type == "cpu" and x.dtype == torch.bfloat16 for x in tensors) and not (
-        torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -287,7 +285,7 @@ DECODER_ATTENTION = "stllm_tile"  # the name the decoders' attention is register
 def _decoder_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
-    """transformers' attention function for the decoders :func:`use_tile_attention` switched: the tile
+    """transformers' attention function for the decoders :func:`use_cpu_kernels` switched: the tile
     kernel for bf16 inference over one sequence under an explicit mask (the engine's one-pass scoring, its
     block mask), SDPA (transformers' own function) for everything else: causal prefill without a mask (SDPA
     skips the masked half), decoding over a cache, training."""
@@ -299,7 +297,7 @@ def _decoder_attention(
         and not any(
             kwargs.get(k) is not None for k in ("softcap", "position_bias", "sliding_window", "s_aux")
         )
-        and not (torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)))
+        and _inference_bf16(query, key, value)
         and available()
     ):
         if mask.dtype == torch.bool:  # True: attend
@@ -309,9 +307,7 @@ def _decoder_attention(
         if supported(query, key, value, mask):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             return tile_attention(query, key, value, scale, mask), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(
+    return _SDPA(
         module,
         query,
         key,
@@ -324,10 +320,16 @@ def _decoder_attention(
     )
 
 
+_SDPA = None  # transformers' SDPA attention function, which the decoders fall back to
+
+
 def _register_decoder_attention() -> None:
+    global _SDPA
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    _SDPA = sdpa_attention_forward
     AttentionInterface.register(DECODER_ATTENTION, _decoder_attention)
     AttentionMaskInterface.register(DECODER_ATTENTION, sdpa_mask)  # masks made as for SDPA
 
@@ -353,7 +355,7 @@ def _is_vision_attention(module: nn.Module) -> bool:
     )
 
 
-def use_tile_attention(model: nn.Module) -> int:
+def use_cpu_kernels(model: nn.Module) -> int:
     """Switch ``model``'s attention to the tile kernel where it applies, in place: ViT attention layers
     (SigLIP, Idefics3's vision tower) and the attention of Llama-family decoders running SDPA (their config's
     attention implementation becomes ``"stllm_tile"``, which falls back to SDPA call by call). For Llama

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from workers.stllm.backbones import Backbone
-from workers.stllm.cpu_kernels import use_tile_attention
+from workers.stllm.cpu_kernels import use_cpu_kernels
 from workers.stllm.fused import fuse_linear_layers
 from workers.stllm.video import preprocess_frames
 
@@ -175,7 +175,7 @@ class STLLM(nn.Module):
             self.to(self.compute_dtype)
             if self.device.type == "cpu":
                 fuse_linear_layers(self)
-                use_tile_attention(self)
+                use_cpu_kernels(self)
         return self
 
     def autocast(self) -> contextlib.AbstractContextManager:
