@@ -19,8 +19,6 @@ from pathlib import Path
 
 import av
 
-sys.path.insert(0, ".")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,8 +37,8 @@ def main() -> None:
 
 def sampling(work: Path, minutes: float, fps: float) -> None:
     from workers.events import windows
-    from workers.linevideo import LineVideoSpec, write_line_video
     from workers.stllm.video import read_frames, segment_times
+    from workers.tools.linevideo import LineVideoSpec, write_line_video
 
     path = work / "long.mp4"
     t = time.perf_counter()
@@ -79,12 +77,12 @@ def sampling(work: Path, minutes: float, fps: float) -> None:
 def overlap(work: Path, model_name: str) -> None:
     """Several videos through pre-labeling, the next one's decode prefetched in a thread vs inline."""
     from workers.jobs import decode_side, decode_windows, prefetch, window_probabilities
-    from workers.linevideo import LineVideoSpec, write_line_video
     from workers.schemas import parse_labels
     from workers.stllm.io import build_model, load_model
+    from workers.tools.linevideo import LineVideoSpec, write_line_video
 
     if model_name == "smolvlm2-256m-shaped":
-        from gpu_check import SMOLVLM2_256M, build
+        from common import SMOLVLM2_256M, build
 
         model = build_model(build(SMOLVLM2_256M, work / "model"), dtype="auto")
     else:

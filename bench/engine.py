@@ -18,10 +18,9 @@ import time
 
 import torch
 
-sys.path.insert(0, ".")
 from workers.stllm.io import build_model  # noqa: E402
 from workers.stllm.model import IGNORE  # noqa: E402
-from workers.stllm.tiny import tiny_composed  # noqa: E402
+from workers.stllm.testing import score_naive, tiny_composed  # noqa: E402
 
 
 def timed(fn, repeat: int) -> float:
@@ -83,8 +82,8 @@ def bench_scoring(model, name: str, feat_dim: int, k: int, repeat: int) -> None:
     candidates = ["A", "B", "C", "D", "E", "F", "G", "H"]
     q = ["Which option is right? Only give the best option."]
     shared = timed(lambda: model.score(video, q, candidates), repeat)
-    naive = timed(lambda: model.score_naive(video, q, candidates), repeat)
-    diff = (model.score(video, q, candidates) - model.score_naive(video, q, candidates)).abs().max().item()
+    naive = timed(lambda: score_naive(model, video, q, candidates), repeat)
+    diff = (model.score(video, q, candidates) - score_naive(model, video, q, candidates)).abs().max().item()
     print(
         f"  {name:<8} 8 candidates after {video.shape[1]} video tokens: shared prefix {shared * 1000:7.1f} ms, "
         f"naive {naive * 1000:7.1f} ms, speed-up {naive / shared:4.1f}x, max |diff| {diff:.1e}"

@@ -14,16 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, ".")
-
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="stllm-fo-"))
     os.environ["FIFTYONE_DATABASE_DIR"] = str(work / "db")
     os.environ["FIFTYONE_PLUGINS_DIR"] = str(work / "plugins")
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-    from workers.cli import install_fiftyone_plugin
-    from workers.pool import start_redis, worker_commands
+    from workers.cli.fiftyone import install_fiftyone_plugin
+    from workers.pool.processes import start_redis, worker_commands
 
     install_fiftyone_plugin(work / "plugins")
     redis, url = start_redis(work / "redis")
@@ -31,8 +29,8 @@ def main() -> None:
     import fiftyone as fo
     import fiftyone.operators as foo
 
-    from workers import client
-    from workers.linevideo import generate_dataset
+    from workers.pool import client
+    from workers.tools.linevideo import generate_dataset
 
     try:
         records = generate_dataset(work / "v", 20, seed=700, duration=30.0)

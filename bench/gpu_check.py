@@ -17,51 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import LABELS, SMOLVLM2_500M, build  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, ".")
-
 # HuggingFaceTB/SmolVLM2-500M-Video-Instruct, config.json
-SMOLVLM2_500M = {
-    "text": {
-        "hidden_size": 960,
-        "intermediate_size": 2560,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 15,
-        "num_key_value_heads": 5,
-        "vocab_size": 49280,
-        "max_position_embeddings": 8192,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-    "vision": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "image_size": 512,
-        "patch_size": 16,
-    },
-    "scale_factor": 4,  # 1024 patches -> 64 tokens per frame
-}
-# HuggingFaceTB/SmolVLM2-256M-Video-Instruct, config.json: SigLIP-B/16 at 512 px + SmolLM2-135M
-SMOLVLM2_256M = {
-    "text": {
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "vocab_size": 49280,
-        "max_position_embeddings": 8192,
-        "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-    },
-    "vision": SMOLVLM2_500M["vision"],
-    "scale_factor": 4,
-}
 SMOKE = {
     "text": {**SMOLVLM2_500M["text"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     | {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
@@ -69,39 +28,13 @@ SMOKE = {
     | {"image_size": 64, "patch_size": 16},
     "scale_factor": 2,
 }
-LABELS = ["jam", "hand", "defect", "part_passing", "empty_line"]
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
-
-
-def build(values: dict, directory: Path) -> dict:
-    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
-
-    from workers.schemas import parse_labels
-    from workers.stllm.tiny import word_tokenizer
-
-    torch.manual_seed(0)
-    tok = word_tokenizer([label.question() for label in parse_labels(LABELS)])
-    text = LlamaConfig(
-        **values["text"],
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    config = SmolVLMConfig(
-        vision_config=values["vision"],
-        text_config=text.to_dict(),
-        scale_factor=values["scale_factor"],
-        image_token_id=tok.pad_token_id,
-    )
-    SmolVLMForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return {"kind": "smolvlm2", "model": str(directory)}
 
 
 def attention_flops(q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
     """FLOPs of attention with grouped K/V heads (torch's own count asserts equal heads): QK^T and PV over
     every query head, not discounted for ``is_causal`` (torch's convention; pre-labeling's scoring passes a
-    mask instead, and the scores a mask blocks are taken off: bench/mfu.py's ``AttentionCalls``)."""
+    mask instead, and the scores a mask blocks are taken off: bench/common.py's ``AttentionCalls``)."""
     b, heads, q_len, d = q_shape
     return 2 * b * heads * q_len * k_shape[-2] * (d + v_shape[-1])
 
@@ -151,10 +84,10 @@ def main() -> None:
     n_videos = args.videos or (2 if args.smoke else 16)
     duration = 10.0 if args.smoke else args.duration
     from workers.jobs import decode_side, decode_windows, prelabel_videos, window_probabilities_many
-    from workers.linevideo import generate_dataset
     from workers.schemas import PrelabelSettings, parse_labels
     from workers.stllm.io import build_model
     from workers.stllm.model import IGNORE
+    from workers.tools.linevideo import generate_dataset
 
     start = time.perf_counter()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
@@ -222,7 +155,7 @@ def main() -> None:
         for v in videos[:n_mfu]
     ]
     questions = [x.question() for x in labels]
-    from mfu import AttentionCalls
+    from common import AttentionCalls
 
     with (
         FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter,

@@ -25,9 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, ".")
-from workers.stllm import cpu_kernels  # noqa: E402
-from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
+from workers.stllm.cpu import kernels as cpu_kernels  # noqa: E402
+from workers.stllm.cpu.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 BF16 = torch.bfloat16
 

@@ -22,9 +22,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, ".")
-sys.path.insert(0, "tests")
-
 CONFIG = """<View><Video name="video" value="$video" frameRate="10"/>
 <TimelineLabels name="events" toName="video">
 <Label value="jam" hint="the conveyor stops with parts piled up"/><Label value="hand"/><Label value="defect"/>
@@ -68,10 +65,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stllm-ls-"))
-    from helpers import free_port, get_health
-
-    from workers.linevideo import generate_dataset
-    from workers.pool import start_redis, worker_commands
+    from workers.pool.processes import free_port, start_redis, worker_commands
+    from workers.pool.processes import wait_for_health as get_health
+    from workers.tools.linevideo import generate_dataset
 
     media = work / "media"
     generate_dataset(media / "line", args.videos, seed=900, duration=args.duration)
@@ -151,7 +147,7 @@ def main() -> None:
             f"p95 {pct(hook, 0.95):.1f} ms  (gunicorn, 2 workers x 4 threads, basic auth)"
         )
 
-        from labelstudio_backend.api import LabelStudioAPI
+        from workers.labelstudio.rest import LabelStudioAPI
 
         api = LabelStudioAPI(f"http://127.0.0.1:{ls_port}", TOKEN)
         deadline = time.monotonic() + 300

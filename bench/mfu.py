@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from common import ATTENTION_OPS, AttentionCalls  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, ".")
-from workers.stllm import cpu_kernels  # noqa: E402, F401  (registers torch.ops.stllm.tile_attention)
-from workers.stllm.fused import fusion_available, pack_linear_weight  # noqa: E402
+from workers.stllm.cpu import kernels as cpu_kernels  # noqa: E402, F401  (registers torch.ops.stllm.tile_attention)
+from workers.stllm.cpu.fused import fusion_available, pack_linear_weight  # noqa: E402
 
 
 def gemm_peak(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
@@ -64,59 +63,6 @@ def timed(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-ATTENTION_OPS = {  # the composite op too: under inference_mode a dispatch mode sees it before it decomposes
-    torch.ops.stllm.tile_attention,  # vision tower and decoder scoring on CPUs with AMX
-    torch.ops.aten.scaled_dot_product_attention,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-    torch.ops.aten._scaled_dot_product_flash_attention,
-    torch.ops.aten._scaled_dot_product_efficient_attention,
-}
-
-
-MASK_FOURTH = {
-    torch.ops.aten.scaled_dot_product_attention,
-    torch.ops.aten._scaled_dot_product_efficient_attention,
-}
-
-
-def blocked_flops(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> float:
-    """FLOPs an attention call spends on scores its mask blocks (4 per score: Q K^T and P V, as torch counts
-    attention), which the kernel computes and throws away: not the model's work, so not counted."""
-    if mask is None:
-        return 0.0
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    scores = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    return 4.0 * q.shape[-1] * scores * (1.0 - allowed.float().mean().item())
-
-
-class AttentionCalls(TorchDispatchMode):
-    """Records every attention kernel call's arguments as shapes (tensors replaced by their layout), so the
-    same calls can be replayed on their own, and the FLOPs their masks block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple] = []
-        self.blocked = 0.0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.overloadpacket in ATTENTION_OPS:
-            layout = lambda a: ("tensor", a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a  # noqa: E731
-            self.calls.append(
-                (func, tuple(map(layout, args)), tuple((k, layout(v)) for k, v in kwargs.items()))
-            )
-            # the composite op and the CUDA memory-efficient kernel take the mask 4th, the tile kernel 5th;
-            # the others by keyword
-            if func.overloadpacket is torch.ops.stllm.tile_attention:
-                mask = args[4] if len(args) > 4 else kwargs.get("mask")
-            elif func.overloadpacket in MASK_FOURTH:
-                mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            else:
-                mask = kwargs.get("attn_mask")
-            self.blocked += blocked_flops(args[0], args[1], mask if isinstance(mask, torch.Tensor) else None)
-        return func(*args, **kwargs)
 
 
 def replay_seconds(calls: list[tuple], repeat: int = 5) -> float:
@@ -159,10 +105,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per part (the best is kept)")
     args = ap.parse_args()
     from workers.jobs import decode_side, decode_windows, window_probabilities
-    from workers.linevideo import generate_dataset
     from workers.schemas import PrelabelSettings, parse_labels
-    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.cpu.fused import register_flop_counts
     from workers.stllm.io import build_model, keep_freed_memory
+    from workers.tools.linevideo import generate_dataset
 
     register_flop_counts()  # the fused CPU kernels' FLOPs, counted as the linear layers they replace
     keep_freed_memory()  # as the engine runs (build_model does this too): the peak under the same allocator
@@ -178,7 +124,7 @@ def main() -> None:
 
     spec = args.model
     if args.model == "smolvlm2-256m-shaped":
-        from gpu_check import SMOLVLM2_256M, build
+        from common import SMOLVLM2_256M, build
 
         spec = build(SMOLVLM2_256M, Path(tempfile.mkdtemp(prefix="stllm-256m-")) / "model")
     model = build_model(spec, device="cpu", dtype="auto").eval()

@@ -18,11 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, ".")
-
 
 def start_worker(name: str, model: str, log: Path, threads: int) -> subprocess.Popen:
-    from workers.pool import worker_commands
+    from workers.pool.processes import worker_commands
 
     ((cmd, env),) = worker_commands([], "ask,prelabel", name=name)
     env = {**os.environ, **env, "STLLM_MODEL": model, "OMP_NUM_THREADS": str(threads)}
@@ -52,14 +50,14 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=8)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="stllm-pool-"))
-    from workers.pool import start_redis
+    from workers.pool.processes import start_redis
 
     redis, url = start_redis(work / "redis")
     os.environ["STLLM_BROKER_URL"] = url
     os.environ["STLLM_VISIBILITY_TIMEOUT"] = "15"
     os.environ["STLLM_RESTORE_INTERVAL"] = "1"
-    from workers import client, tasks
-    from workers.linevideo import generate_dataset
+    from workers.pool import client, tasks
+    from workers.tools.linevideo import generate_dataset
 
     try:
         w1 = start_worker("b1", args.model, work / "b1.log", 2)

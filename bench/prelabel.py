@@ -16,10 +16,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, ".")
-from workers.demo import baseline_segments  # noqa: E402
-from workers.evaluation import evaluate  # noqa: E402
-from workers.events import Segment  # noqa: E402
 from workers.jobs import (  # noqa: E402
     decode_side,
     decode_windows,
@@ -27,9 +23,15 @@ from workers.jobs import (  # noqa: E402
     prelabel_videos,
     window_probabilities,
 )
-from workers.linevideo import EVENT_DESCRIPTIONS, generate_dataset  # noqa: E402
-from workers.schemas import PrelabelSettings, parse_labels  # noqa: E402
+from workers.rounds.evaluation import evaluate  # noqa: E402
+from workers.schemas import (  # noqa: E402
+    PrelabelSettings,
+    Segment,  # noqa: E402
+    parse_labels,
+)
 from workers.stllm.io import load_model  # noqa: E402
+from workers.tools.demo import baseline_segments  # noqa: E402
+from workers.tools.linevideo import EVENT_DESCRIPTIONS, generate_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -106,12 +108,12 @@ def main() -> None:
         import numpy as np
 
         recs = generate_dataset(work / "map", args.map_videos, seed=1000, duration=30.0)
-        gt = {r["video"]: [Segment.from_dict(x) for x in r["segments"]] for r in recs}
+        gt = {r["video"]: [Segment.model_validate(x) for x in r["segments"]] for r in recs}
         results = prelabel_videos(model, list(gt), labels, s)
         rng = np.random.default_rng(0)
         rows = {
             "builtin (untrained)": evaluate(
-                {r.video: [Segment.from_dict(x) for x in r.segments] for r in results}, gt
+                {r.video: [Segment.model_validate(x) for x in r.segments] for r in results}, gt
             ),
             "random": evaluate({r.video: baseline_segments(r, "random", s, rng) for r in results}, gt),
             "constant": evaluate({r.video: baseline_segments(r, "constant", s, rng) for r in results}, gt),

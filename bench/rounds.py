@@ -14,8 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, ".")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,23 +21,21 @@ def main() -> None:
     ap.add_argument("--corrections", type=int, default=16)
     ap.add_argument("--heldout", type=int, default=12)
     args = ap.parse_args()
-    from workers.corrections import snapshot_from_ground_truth
-    from workers.evaluation import evaluate
-    from workers.events import Segment
     from workers.jobs import prelabel_videos
-    from workers.linevideo import EVENT_DESCRIPTIONS, generate_dataset
-    from workers.registry import ModelStore
-    from workers.rounds import RoundSettings, init_store, run_round
-    from workers.schemas import PrelabelSettings, parse_labels
+    from workers.rounds.corrections import snapshot_from_ground_truth
+    from workers.rounds.evaluation import evaluate
+    from workers.rounds.registry import ModelStore
+    from workers.rounds.run import RoundSettings, init_store, run_round
+    from workers.schemas import PrelabelSettings, Segment, TrainSettings, parse_labels
     from workers.stllm.io import load_model
-    from workers.stllm.train import TrainSettings
+    from workers.tools.linevideo import EVENT_DESCRIPTIONS, generate_dataset
 
     work = Path(tempfile.mkdtemp(prefix="stllm-rounds-"))
     heldout = generate_dataset(work / "heldout", args.heldout, seed=1000, duration=30.0)
     generate_dataset(work / "corrections", args.corrections, seed=2000, duration=30.0)
     labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
     snap = snapshot_from_ground_truth(work / "corrections" / "ground_truth.jsonl", labels)
-    gt = {r["video"]: [Segment.from_dict(s) for s in r["segments"]] for r in heldout}
+    gt = {r["video"]: [Segment.model_validate(s) for s in r["segments"]] for r in heldout}
     pre = PrelabelSettings(window_s=2.0, stride_s=1.0, smoothing=1)
     print(
         f"builtin, {len(snap.videos)} corrected videos, {args.steps} steps x batch 8, held-out {args.heldout} videos"
@@ -63,7 +59,7 @@ def main() -> None:
         result = run_round(store, snap, settings)
         model = load_model(store.version_dir(result.version), dtype="auto")
         results = prelabel_videos(model, list(gt), labels, pre)
-        report = evaluate({r.video: [Segment.from_dict(s) for s in r.segments] for r in results}, gt)
+        report = evaluate({r.video: [Segment.model_validate(s) for s in r.segments] for r in results}, gt)
         tm = result.timings
         print(
             f"{name:<14}{report.map_at(0.5):>17.3f}{report.mean_ap:>8.3f}{tm['train_s']:>9.1f}"

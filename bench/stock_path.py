@@ -29,7 +29,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, ".")
 warnings.filterwarnings("ignore")
 
 LABELS = ["jam", "hand", "defect", "part_passing", "empty_line"]
@@ -52,7 +51,7 @@ def build(directory: Path, image_size: int = 128) -> int:
     )
 
     from workers.schemas import parse_labels
-    from workers.stllm.tiny import word_tokenizer
+    from workers.stllm.testing import word_tokenizer
 
     torch.manual_seed(0)
     tok = word_tokenizer([label.question() for label in parse_labels(LABELS)])
@@ -166,9 +165,9 @@ def main() -> None:
     from transformers import SmolVLMForConditionalGeneration
 
     from workers.jobs import decode_side, prelabel_videos
-    from workers.linevideo import generate_dataset
     from workers.schemas import PrelabelSettings, parse_labels
     from workers.stllm.io import build_model
+    from workers.tools.linevideo import generate_dataset
 
     work = Path(tempfile.mkdtemp(prefix="stllm-stock-"))
     k = build(work / "model")

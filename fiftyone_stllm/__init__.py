@@ -1,6 +1,6 @@
 """FiftyOne plugin: pre-label events, ask questions over videos, start fine-tune rounds, follow jobs.
 
-Each operator builds a job from the target view and hands it to ``workers.client``: with a broker
+Each operator builds a job from the target view and hands it to ``workers.pool.client``: with a broker
 configured (``STLLM_BROKER_URL``) the pool does the work and the operator returns at once with a job id;
 without one the work runs here, in FiftyOne's delegated execution (the operators ask for delegation then,
 so a large view never runs inside the App's 600 s immediate window). Results land on the samples through
@@ -9,19 +9,28 @@ the workers' FiftyOne sink. This package never imports torch.
 
 from __future__ import annotations
 
-import os
 import time
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from workers.schemas import PrelabelSettings, TrainSettings, default
+from workers.settings import current
+
 FIELD_DEFAULT = "stllm_events"
 ANSWER_DEFAULT = "stllm_answer"
 RUNS_KEY = "stllm_runs"
+# (PrelabelSettings field, form input kind, label) of the pre-label form; defaults come from PrelabelSettings
+FORM_SETTINGS = [
+    ("window_s", "float", "Window (s)"),
+    ("stride_s", "float", "Stride (s)"),
+    ("frames_per_window", "int", "Frames per window"),
+    ("high", "float", "P(yes) that starts an event"),
+]
 
 
 def _pool_configured() -> bool:
-    return bool(os.environ.get("STLLM_BROKER_URL"))
+    return bool(current().broker_url)
 
 
 def _temporal_fields(dataset) -> list[str]:
@@ -120,31 +129,24 @@ class PrelabelEvents(_PoolOperator):
                 invalid=wrong_type,
                 error_message=f"field {field!r} exists and is not TemporalDetections" if wrong_type else None,
             )
-            inputs.float("window_s", default=4.0, label="Window (s)")
-            inputs.float("stride_s", default=2.0, label="Stride (s)")
-            inputs.int("frames_per_window", default=4, label="Frames per window")
-            inputs.float("threshold", default=0.5, label="P(yes) that starts an event")
+            for name, kind, label in FORM_SETTINGS:
+                getattr(inputs, kind)(name, default=default(PrelabelSettings, name), label=label)
         return types.Property(inputs, view=types.View(label="Pre-label events"))
 
     def execute(self, ctx):
-        from workers import client
-        from workers.schemas import PrelabelSettings
-        from workers.sinks import FiftyOneSink
+        from workers.pool import client
+        from workers.schemas import FiftyOneSinkSpec
 
         labels = _form_labels(ctx)
         field = ctx.params.get("output_field", FIELD_DEFAULT)
-        threshold = ctx.params.get("threshold", 0.5)
-        settings = PrelabelSettings(
-            window_s=ctx.params.get("window_s", 4.0),
-            stride_s=ctx.params.get("stride_s", 2.0),
-            frames_per_window=ctx.params.get("frames_per_window", 4),
-            high=threshold,
-            low=min(threshold, 0.4),
-        )
+        chosen = {name: ctx.params[name] for name, _, _ in FORM_SETTINGS if ctx.params.get(name) is not None}
+        if "high" in chosen:
+            chosen["low"] = min(chosen["high"], default(PrelabelSettings, "low"))
+        settings = PrelabelSettings(**chosen)
         paths, ids = _target_samples(ctx)
         ctx.set_progress(progress=0.0, label=f"0/{len(paths)} videos")
-        sink = FiftyOneSink(ctx.dataset.name, field, "prelabel", ids)
-        job = client.submit_prelabel(paths, labels, settings, sink=sink.describe())
+        sink = FiftyOneSinkSpec(dataset=ctx.dataset.name, field=field, job="prelabel", ids=ids)
+        job = client.submit_prelabel(paths, labels, settings, sink=sink)
         _record_run(
             ctx, "prelabel", job, {"field": field, "labels": labels, "settings": settings.model_dump()}
         )
@@ -183,14 +185,14 @@ class AskVideos(_PoolOperator):
         return types.Property(inputs, view=types.View(label="Ask over videos"))
 
     def execute(self, ctx):
-        from workers import client
-        from workers.sinks import FiftyOneSink
+        from workers.pool import client
+        from workers.schemas import FiftyOneSinkSpec
 
         question = ctx.params["question"].strip()
         field = ctx.params.get("output_field", ANSWER_DEFAULT)
         paths, ids = _target_samples(ctx)
-        sink = FiftyOneSink(ctx.dataset.name, field, "ask", ids)
-        job = client.submit_ask(paths, question, sink=sink.describe())
+        sink = FiftyOneSinkSpec(dataset=ctx.dataset.name, field=field, job="ask", ids=ids)
+        job = client.submit_ask(paths, question, sink=sink)
         _record_run(ctx, "ask", job, {"field": field, "question": question})
         st = client.status(job)
         if st.finished:
@@ -219,30 +221,25 @@ class FinetuneRound(_PoolOperator):
             views = ctx.dataset.list_saved_views()
             if views:
                 inputs.enum("view_name", views, label="Saved view (optional)")
-            inputs.int("steps", default=100, label="Training steps")
+            inputs.int("steps", default=default(TrainSettings, "steps"), label="Training steps")
             inputs.bool("force", default=False, label="Promote whatever it measures")
         return types.Property(inputs, view=types.View(label="Fine-tune round"))
 
     def execute(self, ctx):
-        from workers import client
-        from workers.corrections import snapshot_from_fiftyone
+        from workers.pool import client
+        from workers.schemas import FiftyOneCorrections, RoundRequest, RoundSettings
 
-        snap = snapshot_from_fiftyone(ctx.dataset.name, ctx.params["gt_field"], ctx.params.get("view_name"))
-        settings = {"train": {"steps": ctx.params.get("steps", 100)}, "force": bool(ctx.params.get("force"))}
-        if _pool_configured():
-            task = client.submit_round(snap.model_dump(), settings)
-            _record_run(ctx, "round", task, {"gt_field": ctx.params["gt_field"], "snapshot": snap.id})
-            return {"job_id": task, "state": "SUBMITTED", "snapshot": snap.id}
-        from workers.registry import ModelStore
-        from workers.rounds import RoundSettings, run_round
-
-        result = run_round(ModelStore(), snap, RoundSettings.from_dict(settings))
-        return {
-            "version": result.version,
-            "promoted": result.promoted,
-            "reason": result.reason,
-            "snapshot": snap.id,
-        }
+        corrections = FiftyOneCorrections(
+            dataset=ctx.dataset.name, gt_field=ctx.params["gt_field"], view=ctx.params.get("view_name")
+        )
+        settings = RoundSettings(
+            train=TrainSettings(steps=ctx.params.get("steps") or default(TrainSettings, "steps")),
+            force=bool(ctx.params.get("force")),
+        )
+        task = client.submit_round(RoundRequest(corrections=corrections, settings=settings))
+        _record_run(ctx, "round", task, {"gt_field": ctx.params["gt_field"]})
+        state, info = client.round_status(task)
+        return {"job_id": task, "state": state, **{k: info.get(k) for k in ("version", "promoted", "reason")}}
 
 
 class JobStatus(foo.Operator):
@@ -251,13 +248,13 @@ class JobStatus(foo.Operator):
         return foo.OperatorConfig(name="job_status", label="ST-LLM: job status", dynamic=True)
 
     def execute(self, ctx):
-        from workers import client
+        from workers.pool import client
 
         runs = ctx.dataset.info.get(RUNS_KEY, {})
         jobs, any_finished = [], False
         for job_id, run in sorted(runs.items(), key=lambda kv: -kv[1]["started"]):
             if run["kind"] == "round":
-                state, info = client.round_status(job_id) if _pool_configured() else ("UNKNOWN", {})
+                state, info = client.round_status(job_id)
                 jobs.append(
                     {
                         "job_id": job_id,

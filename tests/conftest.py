@@ -11,7 +11,7 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 import pytest  # noqa: E402
 from helpers import Redis, Worker, free_port  # noqa: E402
 
-# One broker address for the session, set before anything imports workers.app (Celery reads it once).
+# One broker address for the session, set before anything imports workers.pool.app (Celery reads it once).
 # Tests of the embedded default remove it with monkeypatch; pool tests start redis-server on it.
 os.environ["STLLM_BROKER_URL"] = f"redis://127.0.0.1:{free_port()}/0"
 os.environ["STLLM_VISIBILITY_TIMEOUT"] = "6"
@@ -20,7 +20,7 @@ os.environ["STLLM_RESTORE_INTERVAL"] = "1"
 
 @pytest.fixture(scope="session")
 def tiny_spec(tmp_path_factory):
-    from workers.stllm.tiny import tiny_composed
+    from workers.stllm.testing import tiny_composed
 
     return tiny_composed(tmp_path_factory.mktemp("tiny-composed"))
 
@@ -52,7 +52,7 @@ def model_dir(tiny_spec, tmp_path_factory) -> str:
 def fiftyone(tmp_path_factory):
     """FiftyOne on its own MongoDB (the bundled mongod, data in a temp folder), with this project's plugin
     installed in a temp plugins folder the way `stllm fiftyone install` does it."""
-    from workers.cli import install_fiftyone_plugin
+    from workers.cli.fiftyone import install_fiftyone_plugin
 
     plugins = tmp_path_factory.mktemp("fo-plugins")
     os.environ["FIFTYONE_DATABASE_DIR"] = str(tmp_path_factory.mktemp("fo-db"))

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from workers.pool.processes import free_port  # noqa: F401
 
 
 def broker_port() -> int:
     """The port of the test session's broker (conftest.py sets STLLM_BROKER_URL)."""
     return int(os.environ["STLLM_BROKER_URL"].rsplit(":", 1)[1].split("/")[0])
-
-
-def get_health(port: int, timeout_s: float, why: str = "") -> dict:
-    """GET http://127.0.0.1:<port>/health until it answers (or fail after ``timeout_s``); returns its JSON."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                return json.load(r)
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing answered on port {port}\n{why}"
-            time.sleep(0.3)
 
 
 class Redis:
@@ -87,7 +69,7 @@ class Worker:
         extra_env: dict | None = None,
         queues: str = "ask,prelabel",
     ):
-        from workers.pool import worker_commands
+        from workers.pool.processes import worker_commands
 
         env = {**os.environ, "STLLM_MODEL": model_dir, "STLLM_DTYPE": "fp32", **(extra_env or {})}
         self.log = log

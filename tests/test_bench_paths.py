@@ -12,17 +12,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def test_engine_matches_the_stock_transformers_path(tmp_path):
-    from stock_path import LABELS, build, stock_prelabel, stock_processor
     from transformers import SmolVLMForConditionalGeneration
 
+    from bench.stock_path import LABELS, build, stock_prelabel, stock_processor
     from workers.jobs import decode_side, prelabel_videos
-    from workers.linevideo import generate_dataset
     from workers.schemas import PrelabelSettings, parse_labels
     from workers.stllm.io import build_model
+    from workers.tools.linevideo import generate_dataset
 
     k = build(tmp_path / "model", image_size=64)
     videos = [r["video"] for r in generate_dataset(tmp_path / "v", 1, seed=3, duration=8.0)]

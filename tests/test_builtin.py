@@ -47,10 +47,9 @@ def test_builtin_language_model_is_the_real_instruct_model(builtin):
 def test_folded_efficientnet_computes_the_same_features():
     """Batch norms, padding and ReLU6 folded into the convolutions: the same function in fp32 on both kernels
     (oneDNN's fused call and the eager fallback), and bf16 serving stays close to it."""
-    import os
 
-    from workers.stllm.backbones import _load_vision, fold_efficientnet
-    from workers.stllm.fused import FoldedConv
+    from workers.stllm.backbones.composed import _load_vision, fold_efficientnet
+    from workers.stllm.cpu.fused import FoldedConv
 
     original = _load_vision("efficientnet-lite0")[0].eval()
     folded = _load_vision("efficientnet-lite0")[0].eval()
@@ -63,11 +62,6 @@ def test_folded_efficientnet_computes_the_same_features():
     with torch.no_grad():
         reference = original.extract_features(x)
         torch.testing.assert_close(folded.extract_features(x), reference, atol=1e-4, rtol=1e-4)
-        os.environ["STLLM_FUSED_LINEAR"] = "0"
-        try:
-            torch.testing.assert_close(folded.extract_features(x), reference, atol=1e-4, rtol=1e-4)
-        finally:
-            del os.environ["STLLM_FUSED_LINEAR"]
         with torch.autocast("cpu", dtype=torch.bfloat16):  # training: fp32 weights under autocast
             trained_on = folded.extract_features(x).float()
         served = folded.to(torch.bfloat16).extract_features(x.bfloat16()).float()
@@ -77,7 +71,7 @@ def test_folded_efficientnet_computes_the_same_features():
     # bench/mfu.py counts the folded convolutions' FLOPs as the convolutions they replace
     from torch.utils.flop_counter import FlopCounterMode
 
-    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.cpu.fused import register_flop_counts
 
     register_flop_counts()
     flops = []

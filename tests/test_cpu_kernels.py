@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.stllm import cpu_kernels
-from workers.stllm.cpu_kernels import tile_attention
+from workers.stllm.cpu import kernels as cpu_kernels
+from workers.stllm.cpu.kernels import tile_attention
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason="the CPU kernels need a CPU with AMX-BF16 and a C compiler"
@@ -95,9 +95,9 @@ def test_bf16_decoder_scores_with_the_tile_kernel_and_falls_back_to_sdpa_elsewhe
     a causal prefill without a mask and decoding take SDPA."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.cpu.fused import register_flop_counts
     from workers.stllm.io import build_model
-    from workers.stllm.tiny import tiny_smolvlm
+    from workers.stllm.testing import tiny_smolvlm
 
     spec = tiny_smolvlm(tmp_path / "smol", text_hidden=256)  # 4 query heads of 64 over 2 K/V heads
     model = build_model(spec, device="cpu", dtype="bf16").eval().inference_weights()
@@ -134,9 +134,9 @@ def test_bf16_vision_tower_runs_its_attention_on_the_tile_kernel(tmp_path):
     or autograd call takes the layer's own forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from workers.stllm.fused import register_flop_counts
+    from workers.stllm.cpu.fused import register_flop_counts
     from workers.stllm.io import build_model
-    from workers.stllm.tiny import tiny_smolvlm
+    from workers.stllm.testing import tiny_smolvlm
 
     spec = tiny_smolvlm(tmp_path / "smol", vision_hidden=128)  # 2 heads of 64
     frames = torch.randint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from workers.stllm.cpu import CpuServing
 from workers.stllm.io import build_model, load_model, save_model
 from workers.stllm.model import (
     IGNORE,
@@ -14,6 +15,7 @@ from workers.stllm.model import (
     mvm_loss,
     sample_mask_ratio,
 )
+from workers.stllm.testing import score_naive
 
 
 def test_mask_ratio_stays_in_bounds_and_centres_on_half():
@@ -67,7 +69,7 @@ def test_cached_scoring_equals_naive_scoring(tiny_model):
     for candidates in (["yes", "no"], ["Apple", "Banana", "C"]):
         # tiny byte tokenizer: "yes" is 3 tokens: the multi-token path
         cached = tiny_model.score(video, queries, candidates)
-        naive = tiny_model.score_naive(video, queries, candidates)
+        naive = score_naive(tiny_model, video, queries, candidates)
         assert cached.shape == (2, 2, len(candidates))
         torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
 
@@ -97,7 +99,7 @@ def test_tokens_every_query_starts_with_run_once_per_video(tiny_model, monkeypat
                 widths.clear()
                 cached = tiny_model.score(video, queries, candidates)
                 passes = list(widths)
-                naive = tiny_model.score_naive(video, queries, candidates)
+                naive = score_naive(tiny_model, video, queries, candidates)
                 torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
                 if candidates[0] == "yes":  # multi-token: one continuation per (query, candidate)
                     c_lens = [len(tiny_model.text_ids(c)) for c in candidates]
@@ -114,14 +116,14 @@ def test_tokens_every_query_starts_with_run_once_per_video(tiny_model, monkeypat
     # one query: all but its last token join the prefix
     single = tiny_model.score(video, ["Is it?"], ["yes", "no"])
     torch.testing.assert_close(
-        single, tiny_model.score_naive(video, ["Is it?"], ["yes", "no"]), atol=1e-4, rtol=1e-4
+        single, score_naive(tiny_model, video, ["Is it?"], ["yes", "no"]), atol=1e-4, rtol=1e-4
     )
 
 
 def test_single_token_candidates_use_the_fast_path_and_match_naive(tiny_model):
     video = tiny_model.video_tokens(torch.randn(3, 2, 4, 32))
     cached = tiny_model.score(video, ["Which?"], ["A", "B", "C"])  # one byte each: the single-token path
-    naive = tiny_model.score_naive(video, ["Which?"], ["A", "B", "C"])
+    naive = score_naive(tiny_model, video, ["Which?"], ["A", "B", "C"])
     torch.testing.assert_close(cached, naive, atol=1e-4, rtol=1e-4)
 
 
@@ -201,7 +203,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
 
 
 def test_smolvlm2_backbone_encodes_frames_through_its_connector(tmp_path):
-    from workers.stllm.tiny import tiny_smolvlm
+    from workers.stllm.testing import tiny_smolvlm
 
     spec = tiny_smolvlm(tmp_path / "smol")
     model = build_model(spec, device="cpu", dtype="fp32")
@@ -214,7 +216,7 @@ def test_smolvlm2_backbone_encodes_frames_through_its_connector(tmp_path):
     video = model.video_tokens(feats.unsqueeze(0), feats.unsqueeze(0))
     torch.testing.assert_close(
         model.score(video, ["Is it?"], ["yes", "no"]),
-        model.score_naive(video, ["Is it?"], ["yes", "no"]),
+        score_naive(model, video, ["Is it?"], ["yes", "no"]),
         atol=1e-4,
         rtol=1e-4,
     )
@@ -225,8 +227,8 @@ def test_fused_cpu_kernels_match_the_eager_bf16_path_and_keep_parameters(tmp_pat
     match the eager bf16 path to bf16 rounding and the parameters (names, values) do not change."""
     import pytest
 
-    from workers.stllm.fused import FusedLinear, fusion_available
-    from workers.stllm.tiny import tiny_smolvlm
+    from workers.stllm.cpu.fused import FusedLinear, fusion_available
+    from workers.stllm.testing import tiny_smolvlm
 
     if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch build has no oneDNN fused linear kernel")
@@ -235,8 +237,8 @@ def test_fused_cpu_kernels_match_the_eager_bf16_path_and_keep_parameters(tmp_pat
     questions, candidates = ["Is there a jam?", "Is a hand in view?"], ["yes", "no"]
 
     def scores(fused: bool):
-        monkeypatch.setenv("STLLM_FUSED_LINEAR", "1" if fused else "0")
-        model = build_model(spec, device="cpu", dtype="bf16").eval().inference_weights()
+        model = build_model(spec, device="cpu", dtype="bf16").eval()
+        model.inference_weights(CpuServing(fused_linear=fused))
         feats = model.frame_features(frames)
         video = model.video_tokens(
             feats[:4].view(2, 2, *feats.shape[1:]), feats.unsqueeze(0).expand(2, -1, -1, -1)
@@ -269,7 +271,7 @@ def test_tanh_gelu_computed_exactly_in_bf16_stays_as_close_to_the_fp32_model(mon
     from transformers import SiglipVisionConfig
     from transformers.models.siglip.modeling_siglip import SiglipMLP
 
-    from workers.stllm.fused import fuse_linear_layers, fusion_available, gelu_algorithm
+    from workers.stllm.cpu.fused import fuse_linear_layers, fusion_available, gelu_algorithm
 
     if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch build has no oneDNN fused linear kernel")
@@ -283,9 +285,8 @@ def test_tanh_gelu_computed_exactly_in_bf16_stays_as_close_to_the_fp32_model(mon
         expected = reference(x)
 
     def error(exact_gelu: str) -> float:
-        monkeypatch.setenv("STLLM_EXACT_GELU", exact_gelu)
         fused = copy.deepcopy(reference).to(torch.bfloat16)
-        assert fuse_linear_layers(fused) > 0
+        assert fuse_linear_layers(fused, exact_gelu=exact_gelu == "1") > 0
         with torch.inference_mode():
             out = fused(x.to(torch.bfloat16)).float()
         return ((out - expected).norm() / expected.norm()).item()
@@ -302,7 +303,7 @@ def test_rms_norm_rewrite_matches_the_module_and_leaves_its_input_alone():
     import pytest
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from workers.stllm.fused import fuse_linear_layers, fusion_available
+    from workers.stllm.cpu.fused import fuse_linear_layers, fusion_available
 
     if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch build has no oneDNN fused linear kernel")
@@ -332,7 +333,7 @@ def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
     weight is replaced or changed in place (load_state_dict), so a layer never computes with stale weights."""
     import pytest
 
-    from workers.stllm.fused import FusedLinear, forget_packed_weights, fusion_available, packed_weight
+    from workers.stllm.cpu.fused import FusedLinear, forget_packed_weights, fusion_available, packed_weight
 
     if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch build has no oneDNN fused linear kernel")
@@ -364,8 +365,8 @@ def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_pat
     and packed weights reach the adapters' layers too, and the scores match the eager bf16 path."""
     import pytest
 
-    from workers.stllm.fused import FusedLinear, fusion_available
-    from workers.stllm.tiny import tiny_smolvlm
+    from workers.stllm.cpu.fused import FusedLinear, fusion_available
+    from workers.stllm.testing import tiny_smolvlm
 
     if not fusion_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch build has no oneDNN fused linear kernel")
@@ -379,8 +380,8 @@ def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_pat
     frames = torch.randint(0, 255, (4, 48, 80, 3), dtype=torch.uint8)
 
     def scores(fused: bool):
-        monkeypatch.setenv("STLLM_FUSED_LINEAR", "1" if fused else "0")
-        served = load_model(tmp_path / "version", device="cpu", dtype="bf16").inference_weights()
+        served = load_model(tmp_path / "version", device="cpu", dtype="bf16")
+        served.inference_weights(CpuServing(fused_linear=fused))
         feats = served.frame_features(frames)
         video = served.video_tokens(
             feats.view(2, 2, *feats.shape[1:]), feats.unsqueeze(0).expand(2, -1, -1, -1)
@@ -395,7 +396,7 @@ def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_pat
 
 
 def test_fused_linear_falls_back_to_eager_for_autograd_and_fp32():
-    from workers.stllm.fused import FusedLinear
+    from workers.stllm.cpu.fused import FusedLinear
 
     layer = torch.nn.Linear(8, 4)
     layer.__class__ = FusedLinear  # fp32 weights that need gradients: the eager path, gradients flow
@@ -415,15 +416,18 @@ def test_one_videos_global_frames_are_pooled_once_for_all_its_windows(tiny_model
 
 
 def test_cpu_models_reuse_freed_memory_instead_of_faulting_it_in_again():
-    """build_model on a CPU keeps freed blocks in the process (keep_freed_memory): a 64 MB activation
+    """A CPU worker's start keeps freed blocks in the process (keep_freed_memory): a 64 MB activation
     allocated again and again is not faulted in from the kernel every time."""
     import subprocess
     import sys
 
     probe = (
         "import resource, torch\n"
-        "from workers.stllm.io import keep_freed_memory\n"
-        "print(keep_freed_memory())\n"
+        "import os\n"
+        "from workers.stllm.cpu import tune_process\n"
+        "from workers.stllm.cpu.memory import keep_freed_memory\n"
+        "tune_process(keep_freed_memory=os.environ['KEEP'] == '1', kernels=False)\n"
+        "print(keep_freed_memory() if os.environ['KEEP'] == '1' else False)\n"
         "for _ in range(5):\n"
         "    torch.ones(1 << 24)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -433,7 +437,7 @@ def test_cpu_models_reuse_freed_memory_instead_of_faulting_it_in_again():
     )
 
     def faults(keep: str) -> tuple[str, int]:
-        env = {**__import__("os").environ, "STLLM_KEEP_FREED_MEMORY": keep}
+        env = {**__import__("os").environ, "KEEP": keep}
         out = subprocess.run(
             [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
         )

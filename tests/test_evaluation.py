@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.evaluation import evaluate, tiou
-from workers.events import Segment
+from workers.rounds.evaluation import evaluate, tiou
+from workers.schemas import Segment
 
 
 def seg(label, first, last, score=1.0, fps=10.0):
-    return Segment(label, (first - 1) / fps, last / fps, first, last, score)
+    return Segment(
+        label=label,
+        start_s=(first - 1) / fps,
+        end_s=last / fps,
+        first_frame=first,
+        last_frame=last,
+        score=score,
+    )
 
 
 def test_tiou():

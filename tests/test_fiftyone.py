@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers.evaluation import evaluate
-from workers.events import Segment
-from workers.linevideo import generate_dataset
+from workers.rounds.evaluation import evaluate
+from workers.schemas import Segment
+from workers.tools.linevideo import generate_dataset
 
 PREFIX = "@stllm/labeling/"
 
@@ -71,7 +71,7 @@ def test_prelabel_writes_temporal_detections_errors_and_provenance(fiftyone, emb
         ds,
         labels=["jam", "hand", "empty_line"],
         output_field="pred",
-        threshold=0.0,
+        high=0.0,
         window_s=2.0,
         stride_s=1.0,
         frames_per_window=2,
@@ -102,7 +102,7 @@ def test_prelabel_writes_temporal_detections_errors_and_provenance(fiftyone, emb
 def test_a_rerun_replaces_the_same_versions_labels(fiftyone, embedded, video_dataset):
     ds, _, _ = video_dataset
     for _ in range(2):
-        run(fiftyone, "prelabel_events", ds, labels=["jam"], output_field="pred", threshold=0.0)
+        run(fiftyone, "prelabel_events", ds, labels=["jam"], output_field="pred", high=0.0)
     ds.reload()
     counts = [len(s["pred"].detections) for s in ds if s["pred"] is not None]
     assert counts == [1, 1, 1]  # threshold 0: one whole-video segment per label, not doubled
@@ -164,12 +164,23 @@ def test_written_predictions_evaluate_like_our_own_map(fiftyone, embedded, video
     res = good.evaluate_detections("pred", gt_field="gt", eval_key="ev2", compute_mAP=True, iou_threshs=[0.5])
     preds = {
         s.filepath: [
-            Segment(d.label, 0, 0, d.support[0], d.support[1], d.confidence) for d in s["pred"].detections
+            Segment(
+                label=d.label,
+                start_s=0,
+                end_s=0,
+                first_frame=d.support[0],
+                last_frame=d.support[1],
+                score=d.confidence,
+            )
+            for d in s["pred"].detections
         ]
         for s in good
     }
     gts = {
-        s.filepath: [Segment(d.label, 0, 0, d.support[0], d.support[1]) for d in s["gt"].detections]
+        s.filepath: [
+            Segment(label=d.label, start_s=0, end_s=0, first_frame=d.support[0], last_frame=d.support[1])
+            for d in s["gt"].detections
+        ]
         for s in good
     }
     ours = evaluate(preds, gts, thresholds=[0.5], span="frames")

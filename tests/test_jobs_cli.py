@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from workers.jobs import ask_videos, prelabel_videos
-from workers.linevideo import generate_dataset
 from workers.schemas import AskSettings, PrelabelSettings, parse_labels
+from workers.tools.linevideo import generate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,10 @@ def test_prelabel_gives_segments_per_label_with_versions_and_frames(tiny_model, 
     for r in results:
         assert r.error is None and r.model_version == tiny_model.version
         # thresholds at 0: every label is on over the whole video, as one merged segment
-        assert sorted(s["label"] for s in r.segments) == ["defect", "hand", "jam"]
+        assert sorted(s.label for s in r.segments) == ["defect", "hand", "jam"]
         for s in r.segments:
-            assert s["first_frame"] == 1 and s["last_frame"] == r.meta.n_frames
-            assert 0.0 < s["score"] < 1.0
+            assert s.first_frame == 1 and s.last_frame == r.meta.n_frames
+            assert 0.0 < s.score < 1.0
         assert set(r.window_probs) == {"jam", "hand", "defect"}
         assert len(r.window_probs["jam"]) == len(r.windows)
 

@@ -6,10 +6,12 @@ import time
 
 import pytest
 
-from labelstudio_backend.app import BackendSettings, corrections_log, create_app
-from labelstudio_backend.media import MediaError, resolve_local
-from workers.linevideo import generate_dataset
+from labelstudio_backend.app import create_app
+from labelstudio_backend.backend import corrections_log
+from workers.labelstudio.media import MediaError, resolve_local
+from workers.labelstudio.settings import BackendSettings
 from workers.sinks import JsonlSink
+from workers.tools.linevideo import generate_dataset
 
 CONFIG = """<View><Video name="video" value="$video" frameRate="10"/>
 <TimelineLabels name="events" toName="video"><Label value="jam"/><Label value="hand"/></TimelineLabels></View>"""
@@ -114,7 +116,7 @@ def test_webhook_records_corrections_once_per_update(backend):
     deleted = {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": [{"id": 43}]}
     assert client.post("/webhook", json=deleted).status_code == 201
     log = [r for r in corrections_log(settings) if "annotation" in r]
-    assert sorted((r["annotation"], r["model_version"]) for r in log) == [
+    assert sorted((r["annotation"], r["updated"]) for r in log) == [
         (41, "2026-11-27T10:00:00Z"),
         (41, "2026-11-27T11:00:00Z"),
         (42, "2026-11-27T10:00:00Z"),
@@ -164,9 +166,9 @@ def test_setup_learns_where_label_studio_is(backend):
 def test_train_call_runs_a_round_on_the_annotated_tasks(backend, tmp_path, monkeypatch, tiny_spec):
     """Label Studio's older /train call carries the annotated tasks inline; in the embedded default the round
     runs beside the requests, and its result names the new version."""
-    from workers import client as pool
-    from workers.registry import ModelStore
-    from workers.rounds import init_store
+    from workers.pool import client as pool
+    from workers.rounds.registry import ModelStore
+    from workers.rounds.run import init_store
 
     client, settings, _ = backend
     videos = [r["video"] for r in generate_dataset(tmp_path / "media" / "line", 6, seed=810, duration=4.0)]
@@ -273,13 +275,15 @@ def test_stllm_labelstudio_serve_answers_health_over_http(tmp_path, model_dir):
 
 @pytest.mark.parametrize("send_key", [True, False])
 def test_queued_jobs_carry_the_api_key_only_when_allowed(backend, monkeypatch, send_key):
-    from labelstudio_backend.app import enqueue_prelabel
-    from workers import client as pool
+    from workers.labelstudio.jobs import enqueue_prelabel
+    from workers.pool import client as pool
 
     _, settings, _ = backend
     settings.ls_url, settings.ls_api_key, settings.send_key = "http://ls:8080", "secret-key", send_key
     sent = {}
-    monkeypatch.setattr(pool, "submit_prelabel", lambda videos, labels, sink: sent.update(sink) or "job")
+    monkeypatch.setattr(
+        pool, "submit_prelabel", lambda videos, labels, sink: sent.update(sink.model_dump()) or "job"
+    )
     job, skipped = enqueue_prelabel([task(1, "line/line_00800.mp4")], CONFIG, settings)
     assert job == "job" and not skipped
     assert sent["url"] == "http://ls:8080" and sent["api_key"] == ("secret-key" if send_key else None)

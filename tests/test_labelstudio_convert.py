@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from labelstudio_backend.config import ConfigError, parse_label_config
-from labelstudio_backend.timeline import prediction_from_result, segments_from_regions, timing_warning
+from workers.labelstudio.config import ConfigError, parse_label_config
+from workers.labelstudio.timeline import prediction_from_result, segments_from_regions, timing_warning
 
 CONFIG = """
 <View>
@@ -114,7 +114,7 @@ def test_frame_rate_warnings_for_variable_and_mismatched_rates():
 def test_a_prediction_that_does_not_match_the_config_is_never_pushed():
     """Label Studio accepts such predictions and then silently hides them; they are refused before any
     request (nothing listens on the address)."""
-    from labelstudio_backend.api import LabelStudioAPI, LabelStudioError
+    from workers.labelstudio.rest import LabelStudioAPI, LabelStudioError
 
     api = LabelStudioAPI("http://127.0.0.1:9", "key")
     good = prediction_from_result(_result([]), parse_label_config(CONFIG))
@@ -135,7 +135,7 @@ def test_a_prediction_that_does_not_match_the_config_is_never_pushed():
 
 
 def test_media_sources_by_kind():
-    from labelstudio_backend.media import MediaError, media_source
+    from workers.labelstudio.media import MediaError, media_source
 
     ls = "http://ls:8080"
     assert media_source("/data/upload/3/a.mp4", 5, None, ls) == "http://ls:8080/data/upload/3/a.mp4"

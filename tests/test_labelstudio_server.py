@@ -50,7 +50,7 @@ def _wait(what: str, check, timeout: float, poll: float = 0.3):
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    from workers.linevideo import generate_dataset
+    from workers.tools.linevideo import generate_dataset
 
     root = tmp_path_factory.mktemp("ls-media")
     generate_dataset(root / "line", 5, seed=700, duration=6.0)  # 10 fps, like the project
@@ -99,7 +99,7 @@ def label_studio(tmp_path_factory, media):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    from labelstudio_backend.api import LabelStudioAPI
+    from workers.labelstudio.rest import LabelStudioAPI
 
     api = LabelStudioAPI(url, TOKEN)
 
@@ -124,8 +124,8 @@ def label_studio(tmp_path_factory, media):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_spec):
-    from workers.registry import ModelStore
-    from workers.rounds import init_store
+    from workers.rounds.registry import ModelStore
+    from workers.rounds.run import init_store
 
     s = ModelStore(tmp_path_factory.mktemp("ls-store") / "store")
     init_store(s, tiny_spec)
@@ -213,14 +213,25 @@ def _events(backend, action: str) -> list[dict]:
     return [r for r in rows if r.get("action") == action]
 
 
-def test_label_studio_end_to_end(label_studio, backend, store, media):
+def _project_with_media(label_studio, media, title: str) -> tuple[int, list[dict]]:
+    """A new project over the six line videos (local storage), its tasks imported."""
     api, ls = label_studio, label_studio.client
-    project = ls.projects.create(title="line QA", label_config=CONFIG).id
+    project = ls.projects.create(title=title, label_config=CONFIG).id
     storage = ls.import_storage.local.create(
         project=project, path=str(media / "line"), regex_filter=r".*\.mp4", use_blob_urls=True
     )
     ls.import_storage.local.sync(id=storage.id)
     tasks = _wait("6 imported tasks", lambda: (t := api.tasks(project)) and len(t) == 6 and t, timeout=60)
+    return project, tasks
+
+
+def _next_round(store) -> str:
+    return f"round-{sum(name.startswith('round-') for name in store.read()['versions']) + 1}"
+
+
+def test_label_studio_end_to_end(label_studio, backend, store, media):
+    api, ls = label_studio, label_studio.client
+    project, tasks = _project_with_media(label_studio, media, "line QA")
 
     # connect with basic auth: Label Studio calls /health and /setup; its webhook gets the header too
     connected = _stllm(
@@ -299,17 +310,20 @@ def test_label_studio_end_to_end(label_studio, backend, store, media):
     assert _wait("round-1 predictions on every task", round_1_everywhere, timeout=180, poll=1.0)
 
 
-def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend, store):
-    """`stllm round start --from-labelstudio PROJECT` through the pool: the same corrections, a new round."""
-    project = [p.id for p in label_studio.client.projects.list() if p.title == "line QA"][0]
+def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend, store, media):
+    """`stllm round start --from-labelstudio PROJECT` through the pool: a project's corrections, a new round."""
+    project, tasks = _project_with_media(label_studio, media, "line QA, command line")
+    for t in tasks:
+        label_studio.client.annotations.create(id=t["id"], result=[_region(5, 20, "jam")])
+    serving, expected = store.read()["serving"], _next_round(store)
     out = _stllm(
         backend, "round", "start", "--from-labelstudio", project, "--steps", 2, "--batch-size", 2, "--force"
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["version"] == "round-2" and result["promoted"]
+    assert result["version"] == expected and result["promoted"]
     assert "6 videos" in out.stderr  # the snapshot line: every annotated task
-    assert store.read()["versions"]["round-2"]["parent"] == "round-1"
+    assert store.read()["versions"][expected]["parent"] == serving
 
 
 def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, backend, media):
@@ -318,7 +332,9 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     import httpx
 
     ls = label_studio.client
-    project = [p.id for p in ls.projects.list() if p.title == "line QA"][0]
+    project, _ = _project_with_media(label_studio, media, "line QA, uploads")
+    store = backend["store"]
+    served = store.read()["serving"]
     upload = sorted((media / "line").glob("*.mp4"))[0]
     with open(upload, "rb") as f:
         r = httpx.post(
@@ -334,19 +350,24 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     out = _stllm(backend, "labelstudio", "prelabel", "--project", project)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert (summary["version"], summary["done"], summary["failed"]) == ("round-2", 7, 0)
+    assert (summary["version"], summary["done"], summary["failed"]) == (served, 7, 0)
     for t in label_studio.tasks(project):
-        assert "round-2" in t["prediction_versions"], t
+        assert served in t["prediction_versions"], t
 
     # its correction goes into the next round: the rounds worker fetches the upload with the key the job carries
     task_id = uploaded[0]["id"]
-    ls.annotations.create(id=task_id, result=[_region(2, 12, "hand")])
+    for t in tasks:
+        ls.annotations.create(id=t["id"], result=[_region(2, 12, "hand")])
+    connected = _stllm(
+        backend, "labelstudio", "connect", "--project", project, "--backend-url", backend["url"]
+    )
+    assert connected.returncode == 0, connected.stderr
     ml = list(ls.ml.list(project=project))[0]
+    submitted, expected = len(_events(backend, "ROUND_SUBMITTED")), _next_round(store)
     ls.ml.train(id=ml.id)
-    _wait("a second round submitted", lambda: len(_events(backend, "ROUND_SUBMITTED")) == 2, timeout=60)
-    store = backend["store"]
-    _wait("round-3 served", lambda: store.read()["serving"] == "round-3", timeout=240, poll=1.0)
-    snapshot = store.read()["versions"]["round-3"]["snapshot"]
+    _wait("a round submitted", lambda: len(_events(backend, "ROUND_SUBMITTED")) == submitted + 1, timeout=60)
+    _wait(f"{expected} recorded", lambda: expected in store.read()["versions"], timeout=240, poll=1.0)
+    snapshot = store.read()["versions"][expected]["snapshot"]
     frozen = json.loads((store.root / "snapshots" / f"{snapshot}.json").read_text())
     assert task_id in {v["source_ids"]["task"] for v in frozen["videos"]} and len(frozen["videos"]) == 7
     assert (

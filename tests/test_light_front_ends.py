@@ -8,8 +8,8 @@ import sys
 
 def test_front_ends_and_client_do_not_import_torch():
     code = (
-        "import sys; import fiftyone_stllm, labelstudio_backend.app, labelstudio_backend.timeline, "
-        "workers.client, workers.sinks, workers.registry, workers.corrections; "
+        "import sys; import fiftyone_stllm, labelstudio_backend.app, workers.labelstudio.timeline, "
+        "workers.pool.client, workers.sinks, workers.rounds.registry, workers.rounds.corrections; "
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'workers.stllm') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

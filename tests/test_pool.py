@@ -1,6 +1,6 @@
 """The Celery pool against a real redis-server and real `celery worker` processes (tiny model).
 
-The broker (STLLM_BROKER_URL on a free port) is set in conftest.py, before ``workers.app`` is imported.
+The broker (STLLM_BROKER_URL on a free port) is set in conftest.py, before ``workers.pool.app`` is imported.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from helpers import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
 
-from workers import client  # noqa: E402
-from workers.linevideo import generate_dataset  # noqa: E402
+from workers.pool import client  # noqa: E402
+from workers.schemas import JsonlSinkSpec  # noqa: E402
 from workers.sinks import JsonlSink  # noqa: E402
+from workers.tools.linevideo import generate_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,9 @@ def test_a_job_runs_on_the_pool_and_a_corrupt_video_fails_alone(workers_factory,
     w = workers_factory("w1")
     w.wait_ready()
     sink = JsonlSink(tmp_path / "out.jsonl")
-    job = client.submit_prelabel(good[:3] + [bad], ["jam", "hand"], sink=sink.describe(), chunk_size=2)
+    job = client.submit_prelabel(
+        good[:3] + [bad], ["jam", "hand"], sink=JsonlSinkSpec(path=str(sink.path)), chunk_size=2
+    )
     st = client.wait(job, timeout=120, poll=0.2)
     assert (st.state, st.total, st.done, st.failed) == ("SUCCESS", 4, 3, 1)
     assert any(bad in e for e in st.errors)
@@ -60,7 +63,7 @@ def test_two_workers_share_a_job_completely_without_overlap(workers_factory, vid
     a.wait_ready()
     b.wait_ready()
     sink = JsonlSink(tmp_path / "out.jsonl")
-    job = client.submit_prelabel(good, ["jam"], sink=sink.describe(), chunk_size=1)
+    job = client.submit_prelabel(good, ["jam"], sink=JsonlSinkSpec(path=str(sink.path)), chunk_size=1)
     assert client.wait(job, timeout=180, poll=0.2).done == len(good)
     rows = sink.read()
     assert sorted(r["video"] for r in rows) == sorted(good)
@@ -73,7 +76,10 @@ def test_a_killed_worker_task_is_redelivered_and_completes_once(workers_factory,
     victim.wait_ready()
     sink = JsonlSink(tmp_path / "out.jsonl")
     job = client.submit_prelabel(
-        long_videos, ["jam", "hand", "defect"], sink=sink.describe(), chunk_size=len(long_videos)
+        long_videos,
+        ["jam", "hand", "defect"],
+        sink=JsonlSinkSpec(path=str(sink.path)),
+        chunk_size=len(long_videos),
     )
     deadline = time.monotonic() + 60
     while client.status(job).state == "PENDING" and time.monotonic() < deadline:
@@ -115,7 +121,7 @@ def test_a_cancelled_job_stops_taking_tasks(workers_factory, videos):
 def test_embedded_default_runs_in_process_without_a_broker(model_dir, videos):
     good, bad = videos
     code = (
-        "import json; from workers import client; "
+        "import json; from workers.pool import client; "
         f"job = client.submit_prelabel({[good[0], bad]!r}, ['jam'], chunk_size=1); "
         "st = client.status(job); print(json.dumps([st.state, st.done, st.failed, len(client.results(job))]))"
     )
@@ -145,13 +151,13 @@ def test_cli_submits_to_the_pool_when_a_broker_is_configured(workers_factory, vi
 
 
 def test_one_worker_per_gpu_each_seeing_only_its_gpu():
-    from workers.pool import worker_commands
+    from workers.pool.processes import worker_commands
 
     cmds = worker_commands(["0", "1"], "prelabel")
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in cmds] == ["0", "1"]
     *_, (round_cmd, round_env) = worker_commands(["0", "1"], "prelabel,finetune")
-    assert "workers.app:round_app" in round_cmd and round_env["STLLM_WORKER_ROLE"] == "rounds"
-    from workers.app import app, round_app
+    assert "workers.pool.app:round_app" in round_cmd and round_env["STLLM_WORKER_ROLE"] == "rounds"
+    from workers.pool.app import app, round_app
 
     assert app.conf.broker_url.endswith("/0") and round_app.conf.broker_url.endswith(
         "/1"
@@ -162,11 +168,10 @@ def test_one_worker_per_gpu_each_seeing_only_its_gpu():
 
 
 def test_a_round_on_the_finetune_queue_is_promoted_and_then_served(workers_factory, tiny_spec, tmp_path):
-    from workers.corrections import snapshot_from_ground_truth
-    from workers.registry import ModelStore
-    from workers.rounds import RoundSettings, init_store
-    from workers.schemas import PrelabelSettings
-    from workers.stllm.train import TrainSettings
+    from workers.rounds.corrections import snapshot_from_ground_truth
+    from workers.rounds.registry import ModelStore
+    from workers.rounds.run import RoundSettings, init_store
+    from workers.schemas import PrelabelSettings, TrainSettings
 
     store = ModelStore(tmp_path / "store")
     init_store(store, tiny_spec)

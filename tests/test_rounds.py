@@ -7,13 +7,11 @@ import json
 import pytest
 import torch
 
-from workers.corrections import snapshot_from_ground_truth, split_of
-from workers.events import Segment
-from workers.linevideo import generate_dataset
-from workers.registry import ModelStore, RegistryError, RoundRunning
-from workers.rounds import RoundSettings, _covered, init_store, run_round, window_examples
-from workers.schemas import PrelabelSettings, parse_labels
-from workers.stllm.train import TrainSettings
+from workers.rounds.corrections import snapshot_from_ground_truth, split_of
+from workers.rounds.registry import ModelStore, RegistryError, RoundRunning
+from workers.rounds.run import RoundSettings, _covered, init_store, run_round, window_examples
+from workers.schemas import PrelabelSettings, Segment, TrainSettings, parse_labels
+from workers.tools.linevideo import generate_dataset
 
 LABELS = parse_labels(["empty_line: the conveyor is empty", "hand: a hand reaches into the frame"])
 
@@ -56,10 +54,12 @@ def test_snapshot_id_depends_only_on_content(snapshot, tmp_path):
 
 
 def test_window_targets_come_from_overlap_with_corrected_segments():
-    segs = [Segment("hand", 1.0, 3.0, 11, 30)]
+    segs = [Segment(label="hand", start_s=1.0, end_s=3.0, first_frame=11, last_frame=30)]
     assert _covered(segs, 0.0, 2.0) == pytest.approx(0.5)
     assert _covered(segs, 4.0, 6.0) == 0.0
-    assert _covered(segs + [Segment("hand", 2.0, 5.0, 21, 50)], 0.0, 4.0) == pytest.approx(0.75)
+    assert _covered(
+        segs + [Segment(label="hand", start_s=2.0, end_s=5.0, first_frame=21, last_frame=50)], 0.0, 4.0
+    ) == pytest.approx(0.75)
 
 
 def test_window_examples_label_each_window_yes_or_no(snapshot):

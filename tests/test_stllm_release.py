@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from workers.mc import evaluate_mc, line_video_questions, load_questions
 from workers.stllm.convert import ConversionError, convert_stllm, load_checkpoint
 from workers.stllm.io import load_model
-from workers.stllm.tiny import tiny_stllm_release
+from workers.stllm.testing import tiny_stllm_release
+from workers.tools.mc import evaluate_mc, line_video_questions, load_questions
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ class Oracle:
 
 
 def test_mc_harness_scores_a_right_and_a_wrong_model(tmp_path):
-    from workers.linevideo import generate_dataset
+    from workers.tools.linevideo import generate_dataset
 
     records = generate_dataset(tmp_path / "v", 4, seed=11, duration=12.0)
     rows = line_video_questions(records)
@@ -171,7 +171,7 @@ def test_mc_harness_scores_a_right_and_a_wrong_model(tmp_path):
 
 
 def test_mc_answers_in_any_form_and_bad_ones_refused(tmp_path):
-    from workers.mc import MCQuestion
+    from workers.tools.mc import MCQuestion
 
     base = {"video": "v.mp4", "question": "q?", "options": ["red", "green", "blue"]}
     assert [MCQuestion(**base, answer=a).answer_index() for a in ("green", "B", "(B)", 1)] == [1, 1, 1, 1]
@@ -181,7 +181,7 @@ def test_mc_answers_in_any_form_and_bad_ones_refused(tmp_path):
 
 
 def test_eval_mc_command_runs_the_converted_model(converted, tmp_path):
-    from workers.linevideo import generate_dataset
+    from workers.tools.linevideo import generate_dataset
 
     records = generate_dataset(tmp_path / "v", 2, seed=12, duration=8.0)
     (tmp_path / "mc.json").write_text(json.dumps(line_video_questions(records)))
@@ -212,8 +212,8 @@ def test_eval_mc_command_runs_the_converted_model(converted, tmp_path):
 
 def test_converted_model_trains_under_the_stllm_method(converted, tmp_path):
     """All tokens, global-local and masking + MVM on the converted model; it can also be a store's base."""
-    from workers.registry import ModelStore
-    from workers.rounds import init_store
+    from workers.rounds.registry import ModelStore
+    from workers.rounds.run import init_store
     from workers.stllm.model import IGNORE
 
     model = load_model(converted, device="cpu", dtype="fp32")

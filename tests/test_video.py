@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers.linevideo import LineVideoSpec, _plan, render_frame, write_line_video
 from workers.stllm.video import VideoError, preprocess_frames, probe, read_frames, segment_times
+from workers.tools.linevideo import LineVideoSpec, _plan, render_frame, write_line_video
 
 
 @pytest.fixture(scope="module")

@@ -7,46 +7,9 @@ probabilities per window -> smooth (moving average) -> hysteresis (enter >= high
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from workers.timecodes import seconds_to_frames
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One event on one video: seconds [start_s, end_s) and the same span as 1-based inclusive frames."""
-
-    label: str
-    start_s: float
-    end_s: float
-    first_frame: int
-    last_frame: int
-    score: float = 1.0
-
-    def to_dict(self) -> dict:
-        return {
-            "label": self.label,
-            "start_s": round(self.start_s, 4),
-            "end_s": round(self.end_s, 4),
-            "first_frame": self.first_frame,
-            "last_frame": self.last_frame,
-            "score": round(float(self.score), 6),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Segment:
-        return cls(
-            d["label"], d["start_s"], d["end_s"], d["first_frame"], d["last_frame"], d.get("score", 1.0)
-        )
-
-    @classmethod
-    def from_seconds(
-        cls, label: str, start_s: float, end_s: float, fps: float, n_frames: int, score: float = 1.0
-    ):
-        first, last = seconds_to_frames(start_s, end_s, fps, n_frames)
-        return cls(label, start_s, end_s, first, last, score)
+from workers.schemas import Segment
 
 
 def windows(duration: float, length: float, stride: float) -> list[tuple[float, float]]:
@@ -121,3 +84,15 @@ def segments_from_probabilities(
             out.append(Segment.from_seconds(label, start, end, fps, n_frames, float(p[i : j + 1].mean())))
         i = j + 1
     return out
+
+
+def window_cores(
+    spans: list[tuple[float, float]], stride: float, duration: float
+) -> list[tuple[float, float]]:
+    """The part of time each window stands for: ``stride`` seconds around its centre, so that consecutive
+    windows tile the video and a run of 'on' windows maps to a tight segment."""
+    if len(spans) == 1:
+        return [(0.0, duration)]
+    mids = [(s + e) / 2 for s, e in spans]
+    bounds = [0.0] + [(a + b) / 2 for a, b in zip(mids, mids[1:], strict=False)] + [duration]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))

@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from workers.events import segments_from_probabilities, windows
+from workers.events import segments_from_probabilities, window_cores, windows
 from workers.media import fetch
 from workers.schemas import (
     AskResult,
@@ -288,25 +288,13 @@ def _prelabel_result(
     return PrelabelResult(
         video=str(path),
         model_version=model.version,
-        segments=[seg.to_dict() for seg in segments],
+        segments=segments,
         meta=_meta(info),
         windows=decoded.spans,
         window_probs={
             label.name: [round(float(p), 5) for p in probs[:, j]] for j, label in enumerate(labels)
         },
     )
-
-
-def window_cores(
-    spans: list[tuple[float, float]], stride: float, duration: float
-) -> list[tuple[float, float]]:
-    """The part of time each window stands for: ``stride`` seconds around its centre, so that consecutive
-    windows tile the video and a run of 'on' windows maps to a tight segment."""
-    if len(spans) == 1:
-        return [(0.0, duration)]
-    mids = [(s + e) / 2 for s, e in spans]
-    bounds = [0.0] + [(a + b) / 2 for a, b in zip(mids, mids[1:], strict=False)] + [duration]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _yes_no_form(question: str) -> str:

@@ -1,7 +1,7 @@
 """Remote videos: an http(s) source is downloaded once into a local cache before decoding (in the decode
 prefetch thread, so it overlaps compute). Label Studio's own URLs get its API key; no other host gets one.
 
-Cache: ``STLLM_MEDIA_CACHE`` (default ``~/.cache/stllm/media``), one file per URL.
+Cache: ``STLLM_MEDIA_CACHE`` (``workers.settings``), one file per URL.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from workers.labelstudio.rest import auth_header
+from workers.settings import current
 from workers.stllm.video import VideoError
 
 _keys: dict[str, str] = {}  # Label Studio origin -> API key
@@ -49,7 +51,7 @@ def fetch(source: str, timeout: float = 120.0) -> str:
     Raises VideoError naming the URL and the reason when the download fails."""
     if not is_remote(source):
         return source
-    cache = Path(os.environ.get("STLLM_MEDIA_CACHE", Path.home() / ".cache" / "stllm" / "media"))
+    cache = current().media_cache
     suffix = Path(urlsplit(source).path).suffix[:8] or ".mp4"
     path = cache / (hashlib.sha1(source.encode()).hexdigest() + suffix)
     if path.exists():
@@ -58,8 +60,6 @@ def fetch(source: str, timeout: float = 120.0) -> str:
     headers = {}
     key = _key_for(source)
     if key:
-        from labelstudio_backend.api import auth_header
-
         headers["Authorization"] = auth_header(_origin(source), key)
     tmp = path.with_name(path.name + f".part{os.getpid()}")
     try:

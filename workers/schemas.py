@@ -1,10 +1,53 @@
-"""Job and result types shared by the workers, the client and the front ends (no torch here)."""
+"""The types that cross a process boundary: jobs, results, sinks, corrections and rounds (no torch here).
+
+The front ends, the client and the workers all speak these; defaults are defined here once, and the CLI's
+options and the FiftyOne operators' forms read them.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import time
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+
+from workers.timecodes import seconds_to_frames
+
+
+def default(model: type[BaseModel], name: str):
+    """The default of one field of a settings model (for argparse options and operator forms)."""
+    return model.model_fields[name].default
+
+
+class Segment(BaseModel):
+    """One event on one video: seconds [start_s, end_s) and the same span as 1-based inclusive frames."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    start_s: float
+    end_s: float
+    first_frame: int
+    last_frame: int
+    score: float = 1.0
+
+    @field_serializer("start_s", "end_s")
+    def _seconds(self, v: float) -> float:
+        return round(v, 4)
+
+    @field_serializer("score")
+    def _score(self, v: float) -> float:
+        return round(float(v), 6)
+
+    @classmethod
+    def from_seconds(
+        cls, label: str, start_s: float, end_s: float, fps: float, n_frames: int, score: float = 1.0
+    ) -> Segment:
+        first, last = seconds_to_frames(start_s, end_s, fps, n_frames)
+        return cls(label=label, start_s=start_s, end_s=end_s, first_frame=first, last_frame=last, score=score)
 
 
 class EventLabel(BaseModel):
@@ -92,20 +135,11 @@ class PrelabelResult(BaseModel):
 
     video: str
     model_version: str
-    segments: list[dict] = Field(default_factory=list)
+    segments: list[Segment] = Field(default_factory=list)
     meta: VideoMeta | None = None
     windows: list[tuple[float, float]] = Field(default_factory=list)
     window_probs: dict[str, list[float]] = Field(default_factory=dict)
     error: str | None = None
-
-    @field_validator("segments")
-    @classmethod
-    def _segments_have_fields(cls, v):
-        for s in v:
-            missing = {"label", "start_s", "end_s", "first_frame", "last_frame", "score"} - set(s)
-            if missing:
-                raise ValueError(f"segment {s} lacks {sorted(missing)}")
-        return v
 
 
 class Moment(BaseModel):
@@ -125,3 +159,142 @@ class AskResult(BaseModel):
     moment: Moment | None = None
     meta: VideoMeta | None = None
     error: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- sinks
+
+
+class JsonlSinkSpec(BaseModel):
+    """Results as JSON lines in a file, one per (video, model version)."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    path: str
+
+
+class FiftyOneSinkSpec(BaseModel):
+    """Results onto a FiftyOne dataset's samples. ``ids``: video path -> sample id."""
+
+    kind: Literal["fiftyone"] = "fiftyone"
+    dataset: str
+    field: str
+    job: Literal["prelabel", "ask"]
+    ids: dict[str, str]
+
+
+class LabelStudioSinkSpec(BaseModel):
+    """Pre-labels for Label Studio tasks, kept in the backend's cache (``path``) and pushed when ``url`` is set.
+    ``tasks``: video source -> task id; ``config``: the project's label config XML."""
+
+    kind: Literal["labelstudio"] = "labelstudio"
+    path: str
+    config: str
+    tasks: dict[str, int]
+    url: str | None = None
+    api_key: str | None = None
+
+
+SinkSpec = Annotated[JsonlSinkSpec | FiftyOneSinkSpec | LabelStudioSinkSpec, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------- corrections
+
+
+class CorrectedVideo(BaseModel):
+    video_id: str
+    video: str
+    fps: float
+    n_frames: int
+    duration: float
+    segments: list[Segment] = Field(default_factory=list)
+    source: str = ""
+    source_ids: dict = Field(default_factory=dict)
+
+
+class Snapshot(BaseModel):
+    """Human-checked corrections frozen for a round; its id is a hash of its content."""
+
+    id: str = ""
+    created: float = 0.0
+    labels: list[EventLabel]
+    videos: list[CorrectedVideo]
+    sources: list[str] = Field(default_factory=list)
+
+    def frozen(self) -> Snapshot:
+        """This snapshot with its content id and creation time set."""
+        body = json.dumps(
+            {
+                "labels": [x.model_dump() for x in self.labels],
+                "videos": [v.model_dump() for v in self.videos],
+            },
+            sort_keys=True,
+        )
+        return self.model_copy(
+            update={"id": hashlib.sha1(body.encode()).hexdigest()[:12], "created": time.time()}
+        )
+
+
+# ------------------------------------------------------------------------------------------- rounds
+
+
+class TrainSettings(BaseModel):
+    """How a round trains (LoRA + the small trainable parts; masking + MVM on by default)."""
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    masking: bool = True
+    mvm: bool = True
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+    answer_choices: bool = True  # cross-entropy over the yes/no tokens only, as inference normalises them
+
+
+class RoundSettings(BaseModel):
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    prelabel: PrelabelSettings = Field(default_factory=PrelabelSettings)
+    validation_fraction: float = Field(0.25, gt=0, lt=1)
+    margin: float = 0.0
+    yes_overlap: float = Field(
+        0.5, ge=0, le=1
+    )  # a window is a 'yes' for a label when events cover this share
+    no_overlap: float = Field(0.0, ge=0, le=1)  # ... and a 'no' when they cover at most this share
+    force: bool = False
+    device: str | None = None
+    dtype: str | None = "auto"
+
+
+class FiftyOneCorrections(BaseModel):
+    """Corrections read, where the round runs, from a FiftyOne field of human-checked events."""
+
+    kind: Literal["fiftyone"] = "fiftyone"
+    dataset: str
+    gt_field: str
+    view: str | None = None
+
+
+class LabelStudioCorrections(BaseModel):
+    """Corrections pulled from a Label Studio project (``workers.labelstudio.rest.pull_corrections``), frozen
+    into a snapshot where the round runs and the videos can be probed."""
+
+    kind: Literal["labelstudio"] = "labelstudio"
+    pulled: dict
+
+
+class SnapshotCorrections(BaseModel):
+    kind: Literal["snapshot"] = "snapshot"
+    snapshot: Snapshot
+
+
+Corrections = Annotated[
+    SnapshotCorrections | FiftyOneCorrections | LabelStudioCorrections, Field(discriminator="kind")
+]
+
+
+class RoundRequest(BaseModel):
+    """What the ``finetune`` task receives: where the corrections are, and how to train."""
+
+    corrections: Corrections
+    settings: RoundSettings = Field(default_factory=RoundSettings)
+    store: str | None = None

@@ -224,7 +224,7 @@ def convert_stllm(
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, InstructBlipVideoForConditionalGeneration
 
-    from workers.stllm.instructblip import ADAPTER_CONFIG, ADAPTER_FILE, TemporalAdapter
+    from workers.stllm.backbones.instructblip import ADAPTER_CONFIG, ADAPTER_FILE, TemporalAdapter
     from workers.stllm.io import MODEL_FILE
     from workers.stllm.model import GlobalLocalFusion, MVMHead, STLLMConfig
 

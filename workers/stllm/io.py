@@ -53,37 +53,6 @@ def choose_device(device: str | None = None, dtype: str | None = None) -> tuple[
     return dev, names[dtype]
 
 
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
-
-    By default every allocation over a few MB (activations, KV caches, GEMM outputs) is a fresh ``mmap`` and
-    every free a ``munmap``, so each forward pass page-faults its working set in again: on a 2-core CPU
-    worker that was 20% of the wall time (33 s of system time in a 74 s benchmark), and matrix products at
-    SmolVLM2's shapes ran at 1.2 instead of 1.9 TFLOP/s. With mmap off and no trimming, the process keeps
-    its peak working set and reuses it. Called once by :func:`build_model` for CPU models; a no-op (False)
-    where the C library is not glibc. Set ``STLLM_KEEP_FREED_MEMORY=0`` to leave malloc as it is.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or os.environ.get("STLLM_KEEP_FREED_MEMORY", "1") == "0":
-        return _ALLOCATOR_TUNED
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-    if _ALLOCATOR_TUNED:
-        log.debug("malloc keeps freed memory for reuse (mmap off, no trimming)")
-    return _ALLOCATOR_TUNED
-
-
 def _quiet_transformers() -> None:
     from transformers.utils import logging as tlog
 
@@ -96,6 +65,7 @@ def build_model(
     config: STLLMConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> STLLM:
     """A fresh ST-LLM over a backbone: 'builtin', a SmolVLM2 hub id or path, or a spec dict.
     The trainable parts start from a fixed-seed initialisation, so a fresh model is the same everywhere;
@@ -106,13 +76,9 @@ def build_model(
         torch.manual_seed(
             0
         )  # the fresh trainable parts (e.g. builtin's projector) are the same in every process
-        stllm = STLLM(build_backbone(spec), config)
+        stllm = STLLM(build_backbone(spec, Path(cache_dir) if cache_dir else None), config)
     stllm.version = f"{model}@base" if isinstance(model, str) else f"{spec['kind']}@base"
     dev, dt = choose_device(device, dtype)
-    if dev.type == "cpu":
-        keep_freed_memory()
-        # grouped-query attention without copying K/V per head, masks included (exact; 25% faster on a CPU)
-        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     stllm.to(dev)
     stllm.compute_dtype = dt
     return stllm
@@ -152,17 +118,18 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     trainable: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> STLLM:
     """Load a saved model directory, or build a fresh one from a name ('builtin', a SmolVLM2 hub id or path).
     ``trainable`` loads a LoRA adapter ready to train on (a round continuing from its parent)."""
     if not is_model_dir(directory_or_name):
-        return build_model(str(directory_or_name), device=device, dtype=dtype)
+        return build_model(str(directory_or_name), device=device, dtype=dtype, cache_dir=cache_dir)
     directory = Path(directory_or_name)
     meta = json.loads((directory / MODEL_FILE).read_text())
     spec = meta["backbone"]
     if spec.get("model") and not Path(spec["model"]).is_absolute() and (directory / spec["model"]).exists():
         spec = {**spec, "model": str(directory / spec["model"])}  # weights kept inside the model directory
-    model = build_model(spec, STLLMConfig(**meta["config"]), device=device, dtype=dtype)
+    model = build_model(spec, STLLMConfig(**meta["config"]), device=device, dtype=dtype, cache_dir=cache_dir)
     state = load_file(directory / "trainable.safetensors")
     for name, module in model.trainable_modules().items():
         prefix = name + "."

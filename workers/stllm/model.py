@@ -22,9 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from workers.stllm.backbones import Backbone
-from workers.stllm.cpu_kernels import use_cpu_kernels
-from workers.stllm.fused import fuse_linear_layers
+from workers.stllm.backbones.base import Backbone
+from workers.stllm.cpu import CpuServing, serve_on_cpu
 from workers.stllm.video import preprocess_frames
 
 IGNORE = -100
@@ -165,17 +164,16 @@ class STLLM(nn.Module):
 
         self.lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
 
-    def inference_weights(self) -> STLLM:
+    def inference_weights(self, cpu: CpuServing | None = None) -> STLLM:
         """Store every weight in the compute dtype (bf16 on GPUs and bf16-capable CPUs) for serving: half the
         memory, and no per-call weight casts under autocast. On a CPU, linear layers and MLPs then run
-        oneDNN's fused kernels (:mod:`workers.stllm.fused`), and where the CPU has AMX, attention (the vision
-        tower's, the decoder's scoring pass), RMSNorm and RoPE run :mod:`workers.stllm.cpu_kernels`.
-        Inference only: training keeps fp32 weights."""
+        oneDNN's fused kernels and, where the CPU has AMX, attention (the vision tower's, the decoder's scoring
+        pass) and RMSNorm run the tile kernels: the one CPU hook, :func:`workers.stllm.cpu.serve_on_cpu`, with
+        ``cpu``'s switches. Inference only: training keeps fp32 weights."""
         if self.compute_dtype != torch.float32:
             self.to(self.compute_dtype)
             if self.device.type == "cpu":
-                fuse_linear_layers(self)
-                use_cpu_kernels(self)
+                serve_on_cpu(self, cpu)
         return self
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -416,31 +414,6 @@ class STLLM(nn.Module):
         blocked = torch.finfo(self.compute_dtype).min
         mask = torch.zeros(seen.shape, dtype=self.compute_dtype).masked_fill_(~seen, blocked)
         return ids, positions[None, first:], mask[None, None]
-
-    @torch.inference_mode()
-    def score_naive(
-        self, video: torch.Tensor, queries: list[str], candidates: list[str], answer_prefix: str = ""
-    ) -> torch.Tensor:
-        """Reference for :meth:`score`: one full forward per (video, query, candidate), no cache."""
-        b = video.shape[0]
-        out = torch.zeros(b, len(queries), len(candidates))
-        head = self._head_embeds(1)
-        for bi in range(b):
-            for qi, q in enumerate(queries):
-                for ci, c in enumerate(candidates):
-                    context = self.question_ids(q, answer_prefix)
-                    cand = self.text_ids(c)
-                    ids = torch.tensor([context + cand])
-                    with self.autocast():
-                        vid = video[bi : bi + 1].to(self.device)
-                        x = torch.cat([head.to(vid.dtype), vid, self.embed(ids).to(vid.dtype)], 1)
-                        hidden = self.lm(inputs_embeds=x).last_hidden_state[0]
-                    start = head.shape[1] + video.shape[1] + len(context) - 1
-                    logp = self.backbone.lm_head(hidden[start : start + len(cand)]).float().log_softmax(-1)
-                    out[bi, qi, ci] = logp.gather(
-                        1, torch.tensor(cand, device=logp.device).unsqueeze(1)
-                    ).sum()
-        return out
 
     @torch.inference_mode()
     def generate(

@@ -19,18 +19,20 @@ import torch
 from workers.stllm.model import IGNORE, STLLM
 
 
-@dataclass
-class TrainSettings:
-    steps: int = 150
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    masking: bool = True
-    mvm: bool = True
-    seed: int = 0
-    checkpoint_every: int = 50
-    answer_choices: bool = True  # cross-entropy over the yes/no tokens only, as inference normalises them
+@dataclass(frozen=True)
+class TrainOptions:
+    """The knobs of :func:`train` (their defaults live with the caller: ``workers.schemas.TrainSettings``)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    masking: bool
+    mvm: bool
+    seed: int
+    checkpoint_every: int
+    answer_choices: bool  # cross-entropy over the yes/no tokens only, as inference normalises them
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, t
     return ids, lab, mask
 
 
-def balanced_batches(examples: list[Example], settings: TrainSettings) -> list[list[Example]]:
+def balanced_batches(examples: list[Example], settings: TrainOptions) -> list[list[Example]]:
     """``steps`` batches drawn with a seeded RNG: each example picks a question (label) uniformly, then
     yes or no with equal chance, then one window of that kind, so rare events are seen as often as common
     ones."""
@@ -96,7 +98,7 @@ def train(
     model: STLLM,
     videos: list[VideoFeatures],
     examples: list[Example],
-    settings: TrainSettings,
+    settings: TrainOptions,
     checkpoint_dir: Path | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:

@@ -1,0 +1,222 @@
+"""Label Studio's REST API, as this backend and the workers use it: read a project's config, tasks and
+annotations; push validated predictions; flag tasks.
+
+Connection: ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` (a legacy token or a personal access token;
+the SDK exchanges the latter for short-lived access tokens). The SDK is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+from workers.labelstudio.config import ProjectConfig, parse_label_config
+from workers.labelstudio.media import MediaError, media_source
+from workers.labelstudio.timeline import segments_from_regions
+
+log = logging.getLogger("stllm.labelstudio")
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio could not be reached, or refused what was asked; the message says which call."""
+
+
+@functools.lru_cache(maxsize=16)
+def _label_interface(label_config: str):
+    """The SDK's parsed view of a label config (parsed once per config, not once per prediction)."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    return LabelInterface(label_config)
+
+
+@dataclass
+class LabelStudioAPI:
+    url: str
+    api_key: str
+
+    @classmethod
+    def from_env(cls, url: str | None = None, api_key: str | None = None) -> LabelStudioAPI:
+        """Connection from the arguments, else ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``."""
+        url = url or os.environ.get("LABEL_STUDIO_URL")
+        api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
+        if not url or not api_key:
+            raise LabelStudioError(
+                "Label Studio is not configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+            )
+        return cls(url.rstrip("/"), api_key)
+
+    @property
+    def client(self):
+        if not hasattr(self, "_client"):
+            from label_studio_sdk import LabelStudio
+
+            self._client = LabelStudio(base_url=self.url, api_key=self.api_key, timeout=30)
+        return self._client
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # the SDK raises its own ApiError, httpx errors, pydantic errors
+            raise LabelStudioError(f"Label Studio {self.url}: {what} failed: {e}") from e
+
+    def label_config(self, project: int) -> str:
+        """The project's label config XML."""
+        return self._call(f"reading project {project}", self.client.projects.get, id=project).label_config
+
+    def tasks(self, project: int) -> list[dict]:
+        """Every task of the project: id, data, meta, the model versions of its predictions, its
+        annotations (dicts as Label Studio returns them)."""
+        pages = self._call(
+            f"listing tasks of project {project}", self.client.tasks.list, project=project, fields="all"
+        )
+        out = []
+        for t in self._call(f"listing tasks of project {project}", list, pages):
+            out.append(
+                {
+                    "id": t.id,
+                    "data": t.data or {},
+                    "meta": t.meta or {},
+                    "prediction_versions": sorted({p.model_version or "" for p in (t.predictions or [])}),
+                    "annotations": [a if isinstance(a, dict) else a.dict() for a in (t.annotations or [])],
+                }
+            )
+        return out
+
+    def prediction_versions(self, task: int) -> set[str]:
+        """The model versions that already have a prediction on this task."""
+        preds = self._call(f"listing predictions of task {task}", self.client.predictions.list, task=task)
+        return {p.model_version or "" for p in preds}
+
+    def push_prediction(self, task: int, prediction: dict, label_config: str) -> int:
+        """Validate ``prediction`` against the project's config, then create it on the task.
+
+        Label Studio itself accepts predictions that do not match the config (and then silently does not show
+        them), so a prediction that fails validation raises LabelStudioError and is not pushed."""
+        if not _label_interface(label_config).validate_prediction(prediction):
+            raise LabelStudioError(f"task {task}: the prediction does not match the project's label config")
+        created = self._call(
+            f"creating a prediction on task {task}",
+            self.client.predictions.create,
+            task=task,
+            result=prediction["result"],
+            score=prediction["score"],
+            model_version=prediction["model_version"],
+        )
+        return created.id
+
+    def flag_task(self, task: int, warning: str) -> None:
+        """Set ``meta.stllm_warning`` on the task (the Data Manager can show and filter it), keeping the
+        task's other meta keys."""
+        current = self._call(f"reading task {task}", self.client.tasks.get, id=task).meta or {}
+        self._call(
+            f"flagging task {task}",
+            self.client.tasks.update,
+            id=str(task),
+            meta={**current, "stllm_warning": warning},
+        )
+
+    def connect_backend(
+        self, project: int, backend_url: str, auth: tuple[str, str] | None = None, title: str = "ST-LLM"
+    ) -> int:
+        """Connect this backend to a project (Label Studio calls /health and /setup, and adds a webhook to
+        ``<backend_url>/webhook``); returns the ML backend's id.
+
+        With basic auth, Label Studio sends the credentials on /setup and /predict but not on the webhook it
+        adds: its headers are set here, or every webhook would be refused."""
+        import base64
+
+        backend_url = backend_url.rstrip("/")
+        kwargs = {"auth_method": "NONE"}
+        if auth:
+            kwargs = {"auth_method": "BASIC_AUTH", "basic_auth_user": auth[0], "basic_auth_pass": auth[1]}
+        ml = self._call(
+            f"connecting {backend_url} to project {project}",
+            self.client.ml.create,
+            project=project,
+            url=backend_url,
+            title=title,
+            is_interactive=False,
+            **kwargs,
+        )
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            hooks = self._call("listing webhooks", self.client.webhooks.list, project=str(project))
+            for hook in hooks:
+                if hook.url.rstrip("/") == f"{backend_url}/webhook":
+                    self._call(
+                        f"setting the auth header of webhook {hook.id}",
+                        self.client.webhooks.update,
+                        id=hook.id,
+                        headers={"Authorization": f"Basic {token}"},
+                    )
+        return ml.id
+
+
+def auth_header(url: str, api_key: str) -> str:
+    """The Authorization header for Label Studio at ``url``: ``Token <key>`` for a legacy token; a personal
+    access token (a JWT refresh token) is exchanged for a short-lived access token first."""
+    if api_key.count(".") != 2:
+        return f"Token {api_key}"
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/api/token/refresh",
+        data=json.dumps({"refresh": api_key}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return f"Bearer {json.load(r)['access']}"
+    except (OSError, KeyError, ValueError) as e:
+        raise LabelStudioError(f"Label Studio {url}: exchanging the personal access token failed: {e}") from e
+
+
+def pulled_from_tasks(
+    tasks: list[dict],
+    config: ProjectConfig,
+    document_root: str | None,
+    ls_url: str | None = None,
+    allowed_hosts: frozenset[str] = frozenset(),
+) -> dict:
+    """Tasks with their ``annotations`` -> the corrections a round freezes into a snapshot.
+
+    One entry per task with a submitted (not cancelled) annotation: its latest annotation's timeline regions
+    as segments in seconds, the video's path under the document root, and the ids that trace it (task,
+    annotation, and the prediction it started from: a pre-label accepted unchanged counts as a confirmation).
+    Tasks whose media cannot be resolved are listed under ``skipped`` with the reason; remote media stays a
+    URL that the worker downloads."""
+    entries, skipped = [], []
+    for t in tasks:
+        done = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        if not done:
+            continue
+        latest = max(done, key=lambda a: (str(a.get("updated_at") or ""), a.get("id", 0)))
+        try:
+            path = media_source(
+                (t.get("data") or {}).get(config.video_key, ""), t["id"], document_root, ls_url, allowed_hosts
+            )
+        except MediaError as e:
+            skipped.append({"task": t["id"], "reason": str(e)})
+            continue
+        entries.append(
+            {
+                "task": t["id"],
+                "annotation": latest.get("id"),
+                "parent_prediction": latest.get("parent_prediction"),
+                "video": str(path),
+                "segments": segments_from_regions(latest.get("result") or [], config),
+            }
+        )
+    return {"labels": [x.model_dump() for x in config.labels], "tasks": entries, "skipped": skipped}
+
+
+def pull_corrections(
+    api: LabelStudioAPI, project: int, document_root: str | None, allowed_hosts: frozenset[str] = frozenset()
+) -> dict:
+    """Every annotated task of a project, pulled through the API (see :func:`pulled_from_tasks`)."""
+    config = parse_label_config(api.label_config(project))
+    pulled = pulled_from_tasks(api.tasks(project), config, document_root, api.url, allowed_hosts)
+    return {"project": project, "url": api.url, **pulled}

@@ -1,0 +1,162 @@
+"""Corrections from their sources, frozen into snapshots that rounds train on.
+
+A snapshot holds, per video: a reference (path), fps, frame count, duration, the human-checked segments
+and where they came from (FiftyOne sample id, Label Studio task/annotation/prediction ids). Its id is a
+hash of its content, so the same corrections give the same snapshot and a round can be reproduced.
+FiftyOne and the Label Studio SDK are imported only inside the functions that read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from workers.schemas import CorrectedVideo, EventLabel, Snapshot
+
+
+def save_snapshot(snapshot: Snapshot, store_root: Path) -> Path:
+    """Write the snapshot under ``<store>/snapshots/<id>.json`` (unchanged if it is already there)."""
+    snap = snapshot if snapshot.id else snapshot.frozen()
+    path = store_root / "snapshots" / f"{snap.id}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(snap.model_dump_json(indent=1))
+        tmp.replace(path)
+    return path
+
+
+def load_snapshot(path: str | Path) -> Snapshot:
+    return Snapshot.model_validate_json(Path(path).read_text())
+
+
+def split_of(video_id: str, validation_fraction: float = 0.25) -> str:
+    """'train' or 'validation' from a hash of the video id: stable across rounds, so the validation score
+    of round N and round N+1 compare."""
+    h = int(hashlib.sha1(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "validation" if h < validation_fraction else "train"
+
+
+def _vocabulary(videos: list[CorrectedVideo], labels: list[EventLabel] | None) -> list[EventLabel]:
+    if labels:
+        return labels
+    names = sorted({s.label for v in videos for s in v.segments})
+    if not names:
+        raise ValueError("the corrections contain no segment: nothing to learn from")
+    return [EventLabel(name=n) for n in names]
+
+
+def snapshot_from_ground_truth(path: str | Path, labels: list[EventLabel] | None = None) -> Snapshot:
+    """Corrections from a ``ground_truth.jsonl`` (as ``stllm generate`` writes it)."""
+    videos = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        videos.append(
+            CorrectedVideo(
+                video_id=Path(r["video"]).name,
+                video=r["video"],
+                fps=r["fps"],
+                n_frames=r["n_frames"],
+                duration=r["duration"],
+                segments=r["segments"],
+                source="ground_truth",
+                source_ids={"file": str(path)},
+            )
+        )
+    return Snapshot(
+        labels=_vocabulary(videos, labels), videos=videos, sources=[f"ground_truth:{path}"]
+    ).frozen()
+
+
+def snapshot_from_fiftyone(
+    dataset_name: str, gt_field: str, view_name: str | None = None, labels: list[EventLabel] | None = None
+) -> Snapshot:
+    """Corrections from a FiftyOne dataset's field of human-checked temporal detections (optionally a saved
+    view). Samples with an empty or missing field count as checked with no event."""
+    import fiftyone as fo
+
+    from workers.stllm.video import probe
+
+    ds = fo.load_dataset(dataset_name)
+    view = ds.load_saved_view(view_name) if view_name else ds.view()
+    if gt_field not in ds.get_field_schema():
+        raise ValueError(f"dataset {dataset_name!r} has no field {gt_field!r}")
+    videos = []
+    for sample in view.select_fields(gt_field):
+        info = probe(sample.filepath)
+        dets = sample[gt_field].detections if sample[gt_field] is not None else []
+        segs = []
+        for d in dets:
+            first, last = d.support
+            segs.append(
+                {
+                    "label": d.label,
+                    "start_s": (first - 1) / info.fps,
+                    "end_s": last / info.fps,
+                    "first_frame": first,
+                    "last_frame": last,
+                    "score": 1.0,
+                }
+            )
+        videos.append(
+            CorrectedVideo(
+                video_id=sample.id,
+                video=sample.filepath,
+                fps=info.fps,
+                n_frames=info.n_frames,
+                duration=info.duration,
+                segments=segs,
+                source="fiftyone",
+                source_ids={"dataset": dataset_name, "sample_id": sample.id, "field": gt_field},
+            )
+        )
+    if not videos:
+        raise ValueError(f"no samples in {dataset_name!r}" + (f" view {view_name!r}" if view_name else ""))
+    source = f"fiftyone:{dataset_name}.{gt_field}" + (f"@{view_name}" if view_name else "")
+    return Snapshot(labels=_vocabulary(videos, labels), videos=videos, sources=[source]).frozen()
+
+
+def snapshot_from_labelstudio(pulled: dict) -> Snapshot:
+    """Corrections from a Label Studio project, as ``workers.labelstudio.rest.pull_corrections`` pulls them:
+    every task with a submitted annotation, its video probed here (fps, frames, duration). An annotated task
+    with no region counts as checked with no event; a pre-label accepted unchanged counts as a confirmation."""
+    from workers.media import fetch
+    from workers.stllm.video import probe
+    from workers.timecodes import seconds_to_frames
+
+    videos = []
+    for t in pulled["tasks"]:
+        local = fetch(t["video"])  # uploads and cloud media: downloaded once, with Label Studio's key
+        info = probe(local)
+        segments = []  # Label Studio numbered frames at the project's rate; renumber at the file's own
+        for s in t["segments"]:
+            first, last = seconds_to_frames(s["start_s"], s["end_s"], info.fps, info.n_frames)
+            segments.append({**s, "first_frame": first, "last_frame": last})
+        videos.append(
+            CorrectedVideo(
+                video_id=f"ls:{pulled['project']}:{t['task']}",
+                video=local,
+                fps=info.fps,
+                n_frames=info.n_frames,
+                duration=info.duration,
+                segments=segments,
+                source="labelstudio",
+                source_ids={
+                    "project": pulled["project"],
+                    "task": t["task"],
+                    "annotation": t["annotation"],
+                    "parent_prediction": t.get("parent_prediction"),
+                },
+            )
+        )
+    if not videos:
+        raise ValueError(f"Label Studio project {pulled['project']} has no annotated task to learn from")
+    labels = [EventLabel(**x) for x in pulled["labels"]]
+    return Snapshot(
+        labels=labels,
+        videos=videos,
+        sources=[f"labelstudio:{pulled.get('url', '')}/projects/{pulled['project']}"],
+    ).frozen()

@@ -1,0 +1,74 @@
+"""JSON-lines files: a replace-by-key file for results, and an append-only log."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import operator
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _key(record: dict) -> tuple[str, str]:
+    return record["video"], record["model_version"]
+
+
+class JsonlSink:
+    """A JSON-lines file, one object per (video, model version). Safe for several worker processes on one
+    machine or a shared file system with working locks: each write takes an exclusive lock, drops a line
+    with the same key, appends, and renames a complete new file into place."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def write(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            existing = self.read()
+            keys = {_key(r) for r in records}
+            kept = [r for r in existing if _key(r) not in keys] + records
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            with open(tmp, "w") as f:
+                for r in kept:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.path)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+class AppendLog:
+    """A JSON-lines log that only appends (constant time per write, however long the log); reading keeps
+    the last record per ``key`` (default: a record's ``"id"``), so a repeated event counts once."""
+
+    def __init__(self, path: str | os.PathLike, key: Callable[[dict], object] = operator.itemgetter("id")):
+        self.path = Path(path)
+        self.key = key
+
+    def write(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(json.dumps(r) + "\n" for r in records)
+        with open(self.path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time: lines never interleave
+            f.write(body)
+            f.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        latest: dict[object, dict] = {}
+        with open(self.path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    k = self.key(r)
+                    latest.pop(k, None)
+                    latest[k] = r
+        return list(latest.values())

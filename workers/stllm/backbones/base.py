@@ -1,0 +1,72 @@
+"""The interface every backbone family implements, and what they share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _split_chat_template(tokenizer) -> tuple[str, str]:
+    """(head, tail) of a one-turn user prompt: ``head + question + tail`` then the answer.
+
+    Taken from the tokenizer's chat template where it has one, so instruct models see their own format.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00QUESTION\x00"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        )
+        head, tail = text.split(marker)
+        return head, tail
+    return "Question: ", "\nAnswer: "
+
+
+class Backbone(nn.Module):
+    """The interface every backbone family implements (see the module docstring)."""
+
+    spec: dict[str, Any]
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    tokens_per_frame: int
+    hidden_size: int
+    tokenizer: Any
+    decoder: nn.Module
+    lm_head: nn.Module
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, K, Dv)
+        raise NotImplementedError
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:  # (N, K, Dv) -> (N, K, D)
+        raise NotImplementedError
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Non-LoRA parts that fine-tuning trains and a model directory saves (the connector)."""
+        raise NotImplementedError
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(ids)
+
+    # Text between the video and the question (most backbones: none).
+    prompt_mid: str = ""
+
+    def prompt_parts(self) -> tuple[str, str]:
+        return _split_chat_template(self.tokenizer)
+
+
+def contiguous_embeddings(vision: nn.Module) -> None:
+    """Make a ViT's patch embeddings contiguous as they leave the embedding layer.
+
+    SigLIP-style embeddings are ``conv(pixels).flatten(2).transpose(1, 2)``: a channels-first view. Element-wise
+    ops keep their input's layout, so without this the whole residual stream stays transposed and every
+    layer norm copies it first: 15% of SigLIP's time on a CPU.
+    """
+    for name, module in vision.named_modules():
+        if name.split(".")[-1] == "embeddings":
+            module.register_forward_hook(lambda _module, _inputs, output: output.contiguous())
+            return
