@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from workers.pool.processes import free_port  # noqa: F401
+from workers.pool.processes import wait_for_health as get_health  # noqa: F401
 
 
 def broker_port() -> int:

@@ -319,7 +319,7 @@ def test_round_start_from_labelstudio_on_the_command_line(label_studio, backend,
     out = _stllm(
         backend, "round", "start", "--from-labelstudio", project, "--steps", 2, "--batch-size", 2, "--force"
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
     result = json.loads(out.stdout)
     assert result["version"] == expected and result["promoted"]
     assert "6 videos" in out.stderr  # the snapshot line: every annotated task

@@ -111,7 +111,7 @@ class RoundProgress:
             self.bar.set_postfix(loss=info.get("loss"))
             self.bar.refresh()
         elif stage != self._stage:
-            self.bar.write(f"{stage}: {info}")
+            self.bar.write(f"{stage}: {info}", file=sys.stderr)
         self._stage = stage
 
     def follow(self, poll: Callable[[], tuple[str, dict]], every_s: float = 1.0) -> tuple[str, dict]:

@@ -7,7 +7,7 @@
     training: dynamic masking drops a random share rho of video tokens (order kept),
               loss = CE(answer tokens) + w * MVM(student hidden at kept tokens vs no-grad teacher)
 
-The four method pieces are the short named functions below: ``fuse_global_local`` (in
+The four method pieces are short named functions in :mod:`workers.stllm.method`: ``fuse_global_local`` (in
 :class:`GlobalLocalFusion`), ``sample_mask_ratio`` + ``keep_positions`` (dynamic masking) and ``mvm_loss``.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -24,6 +23,15 @@ import torch.nn.functional as F
 
 from workers.stllm.backbones.base import Backbone
 from workers.stllm.cpu import CpuServing, serve_on_cpu
+from workers.stllm.method import (  # noqa: F401  (STLLMConfig and the pieces are the model's API too)
+    GlobalLocalFusion,
+    MVMHead,
+    STLLMConfig,
+    gather_tokens,
+    keep_positions,
+    mvm_loss,
+    sample_mask_ratio,
+)
 from workers.stllm.video import preprocess_frames
 
 IGNORE = -100
@@ -32,81 +40,6 @@ IGNORE = -100
 # attention skip its masked half). On a CPU the crossover was between 270 and 400 tokens at 5 questions
 # (bench/README.md, bench/engine.py section).
 ONE_PASS_MAX_PREFIX = 320
-
-
-@dataclass
-class STLLMConfig:
-    """Method settings. Defaults follow the paper's code (notes/stllm-method.md)."""
-
-    global_bottleneck: int = 1024
-    mask_mean: float = 0.5
-    mask_std: float = 0.1
-    mask_min: float = 0.1
-    mask_max: float = 0.7
-    mvm_weight: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-# ----------------------------------------------------------------------------------- method pieces
-
-
-class GlobalLocalFusion(nn.Module):
-    """local + up(relu(down(g))), g = mean over all frames. ``up`` starts at zero, so at initialisation the
-    fused input is exactly the plain local input, whatever the global frames."""
-
-    def __init__(self, dim: int, bottleneck: int):
-        super().__init__()
-        self.down = nn.Linear(dim, bottleneck)
-        self.up = nn.Linear(bottleneck, dim)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, local: torch.Tensor, global_mean: torch.Tensor) -> torch.Tensor:
-        # local (B, T, K, D); global_mean (B, K, D) -> (B, T, K, D)
-        return local + self.up(F.relu(self.down(global_mean))).unsqueeze(1)
-
-
-def sample_mask_ratio(cfg: STLLMConfig, generator: torch.Generator | None = None) -> float:
-    """One masking ratio per batch: rho ~ N(mean, std), clipped to [min, max]."""
-    rho = cfg.mask_mean + cfg.mask_std * float(torch.randn(1, generator=generator))
-    return min(max(rho, cfg.mask_min), cfg.mask_max)
-
-
-def keep_positions(
-    batch: int, length: int, rho: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """(B, n_keep) sorted indices of the video tokens each sample keeps; n_keep = L - int(rho * L), the
-    same count for every sample, each with its own random positions. Sorting keeps frame order."""
-    n_keep = length - int(rho * length)
-    scores = torch.rand(batch, length, generator=generator)
-    return scores.topk(n_keep, dim=1).indices.sort(dim=1).values
-
-
-def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) gathered at (B, n) positions -> (B, n, D)."""
-    return tokens.gather(1, keep.to(tokens.device).unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-class MVMHead(nn.Module):
-    """Linear + LayerNorm on the student's hidden states before they are compared to the teacher's."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x))
-
-
-def mvm_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean of 2 - 2 cos(student, teacher) over tokens: 0 when they align, 4 when opposite."""
-    s = F.normalize(student.float(), dim=-1)
-    t = F.normalize(teacher.float(), dim=-1)
-    return (2 - 2 * (s * t).sum(-1)).mean()
 
 
 # ----------------------------------------------------------------------------------- the model
