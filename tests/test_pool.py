@@ -171,7 +171,7 @@ def test_a_round_on_the_finetune_queue_is_promoted_and_then_served(workers_facto
     from workers.rounds.corrections import snapshot_from_ground_truth
     from workers.rounds.registry import ModelStore
     from workers.rounds.run import RoundSettings, init_store
-    from workers.schemas import PrelabelSettings, TrainSettings
+    from workers.schemas import PrelabelSettings, RoundRequest, SnapshotCorrections, TrainSettings
 
     store = ModelStore(tmp_path / "store")
     init_store(store, tiny_spec)
@@ -187,7 +187,10 @@ def test_a_round_on_the_finetune_queue_is_promoted_and_then_served(workers_facto
     )
     w = workers_factory("wft", queues="ask,prelabel,finetune", STLLM_MODEL_STORE=store.root)
     w.wait_ready()
-    task = client.submit_round(snap.model_dump(), settings.to_dict(), str(store.root))
+    request = RoundRequest(
+        corrections=SnapshotCorrections(snapshot=snap), settings=settings, store=str(store.root)
+    )
+    task = client.submit_round(request)
     deadline = time.monotonic() + 120
     while (state := client.round_status(task)[0]) not in (
         "SUCCESS",
