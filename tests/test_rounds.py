@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from workers.rounds.corrections import snapshot_from_ground_truth, split_of
+from workers.rounds.corrections import snapshot_from_ground_truth, split_ids, split_of
 from workers.rounds.registry import ModelStore, RegistryError, RoundRunning
 from workers.rounds.run import RoundSettings, _covered, init_store, run_round, window_examples
 from workers.schemas import PrelabelSettings, Segment, TrainSettings, parse_labels
@@ -44,6 +44,17 @@ def test_split_is_deterministic_and_stable():
     a = [split_of(i) for i in ids]
     assert a == [split_of(i) for i in ids]
     assert 0.15 < a.count("validation") / len(a) < 0.35
+
+
+def test_a_small_snapshot_always_splits_into_both_sides():
+    for n in range(2, 9):
+        for start in range(0, 200, 7):
+            ids = [f"task-{start + k}" for k in range(n)]
+            train, val = split_ids(ids)
+            assert train and val and sorted(train + val) == sorted(ids)
+    assert split_ids(["only"]) in ((["only"], []), ([], ["only"]))
+    big = [f"video-{i}" for i in range(400)]
+    assert split_ids(big)[1] == [i for i in big if split_of(i) == "validation"]  # the hash split as it is
 
 
 def test_snapshot_id_depends_only_on_content(snapshot, tmp_path):

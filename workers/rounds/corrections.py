@@ -31,11 +31,29 @@ def load_snapshot(path: str | Path) -> Snapshot:
     return Snapshot.model_validate_json(Path(path).read_text())
 
 
+def _unit_hash(video_id: str) -> float:
+    return int(hashlib.sha1(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_of(video_id: str, validation_fraction: float = 0.25) -> str:
     """'train' or 'validation' from a hash of the video id: stable across rounds, so the validation score
     of round N and round N+1 compare."""
-    h = int(hashlib.sha1(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "validation" if h < validation_fraction else "train"
+    return "validation" if _unit_hash(video_id) < validation_fraction else "train"
+
+
+def split_ids(video_ids: list[str], validation_fraction: float = 0.25) -> tuple[list[str], list[str]]:
+    """(train, validation) ids by :func:`split_of`. When the hash leaves one side empty and there are at least
+    two videos, the video with the lowest hash is validation (or the one with the highest is training), so a
+    small snapshot still gives a round both; the choice stays stable as the snapshot grows."""
+    train = [i for i in video_ids if split_of(i, validation_fraction) == "train"]
+    val = [i for i in video_ids if split_of(i, validation_fraction) == "validation"]
+    if len(video_ids) >= 2 and not val:
+        first = min(train, key=_unit_hash)
+        train, val = [i for i in train if i != first], [first]
+    elif len(video_ids) >= 2 and not train:
+        last = max(val, key=_unit_hash)
+        train, val = [last], [i for i in val if i != last]
+    return train, val
 
 
 def _vocabulary(videos: list[CorrectedVideo], labels: list[EventLabel] | None) -> list[EventLabel]:

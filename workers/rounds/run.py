@@ -22,7 +22,7 @@ from pathlib import Path
 
 from workers.events import windows
 from workers.jobs import decode_side, decode_windows, prelabel_videos
-from workers.rounds.corrections import save_snapshot, split_of
+from workers.rounds.corrections import save_snapshot, split_ids
 from workers.rounds.evaluation import evaluate
 from workers.rounds.registry import ModelStore, RegistryError
 from workers.schemas import (
@@ -137,8 +137,7 @@ def run_round(
             t = time.perf_counter()
             snap_path = save_snapshot(snapshot, store.root)
             ids = [v.video_id for v in snapshot.videos]
-            train_ids = [i for i in ids if split_of(i, s.validation_fraction) == "train"]
-            val_ids = [i for i in ids if split_of(i, s.validation_fraction) == "validation"]
+            train_ids, val_ids = split_ids(ids, s.validation_fraction)
             if not train_ids or not val_ids:
                 raise ValueError(
                     f"{len(ids)} corrected videos give {len(train_ids)} for training and {len(val_ids)} for "
