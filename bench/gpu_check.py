@@ -107,7 +107,7 @@ def main() -> None:
     ]
     print(f"generated {n_videos} x {duration:.0f} s videos in {time.perf_counter() - t:.0f} s")
     labels = parse_labels(LABELS)
-    settings = PrelabelSettings(frames_per_window=8, window_batch=args.window_batch)
+    settings = PrelabelSettings(frames_per_window=8, window_batch=args.window_batch).resolved()
 
     peak = gemm_peak(device)
     sheet = next((v for key, v in DATASHEET_BF16_TFLOPS.items() if key in name), None)

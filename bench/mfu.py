@@ -135,7 +135,7 @@ def main() -> None:
     dtype = "bf16" if model.compute_dtype == torch.bfloat16 else "fp32"
     work = Path(tempfile.mkdtemp(prefix="stllm-mfu-"))
     video = generate_dataset(work, 1, seed=7, duration=args.duration)[0]["video"]
-    s = PrelabelSettings()
+    s = PrelabelSettings().resolved()
     d = decode_windows(
         video, s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
     )

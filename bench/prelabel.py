@@ -46,7 +46,7 @@ def main() -> None:
     paths = [r["video"] for r in records]
     model = load_model("builtin", dtype=args.dtype).inference_weights()  # as workers serve it
     labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
-    s = PrelabelSettings()
+    s = PrelabelSettings().resolved()
     print(
         f"builtin, compute {str(model.compute_dtype).split('.')[-1]}, {torch.get_num_threads()} threads, "
         f"{len(labels)} labels, window {s.window_s}s stride {s.stride_s}s, {s.frames_per_window} frames/window, "

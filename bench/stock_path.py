@@ -121,6 +121,7 @@ def stock_prelabel(model, processor, videos: list[str], questions: list[str], se
     from workers.jobs import decode_windows
     from workers.stllm.video import preprocess_frames
 
+    settings = settings.resolved()  # a fresh model records no windows: the default ones
     yes, no = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
     out = []
     for path in videos:

@@ -236,9 +236,27 @@ class FinetuneRound(_PoolOperator):
             train=TrainSettings(steps=ctx.params.get("steps") or default(TrainSettings, "steps")),
             force=bool(ctx.params.get("force")),
         )
-        task = client.submit_round(RoundRequest(corrections=corrections, settings=settings))
+        steps = settings.train.steps
+
+        def report(stage: str, info: dict) -> None:
+            """Stage, step and loss in the operation's progress (the App's runs page, the CLI launcher)."""
+            if stage == "train":
+                label = f"training: step {info.get('step')}/{steps}, loss {info.get('loss')}"
+                ctx.set_progress(progress=0.1 + 0.8 * info.get("step", 0) / steps, label=label)
+            elif stage == "features":
+                label = f"reading corrections: video {info.get('video')}/{info.get('of')}"
+                ctx.set_progress(progress=0.1 * info.get("video", 0) / max(1, info.get("of", 1)), label=label)
+            else:
+                ctx.set_progress(progress=0.95 if stage == "gate" else 0.0, label=f"{stage}: {info}")
+
+        ctx.set_progress(progress=0.0, label="round submitted")
+        request = RoundRequest(corrections=corrections, settings=settings)
+        task = client.submit_round(request, report)  # without a pool the round runs here, reporting
         _record_run(ctx, "round", task, {"gt_field": ctx.params["gt_field"]})
-        state, info = client.round_status(task)
+        if ctx.delegated:  # a delegated run may wait: it follows the round to its end
+            state, info = client.follow_round(task, report, every_s=2.0)
+        else:  # an immediate run returns at once; "job status" follows the round
+            state, info = client.round_status(task)
         return {"job_id": task, "state": state, **{k: info.get(k) for k in ("version", "promoted", "reason")}}
 
 

@@ -90,3 +90,13 @@ def test_map_agrees_with_fiftyone_evaluate_detections(fiftyone, tmp_path):
         ours = evaluate(preds, gt, thresholds=thresholds, span="frames")
         assert ours.mean_ap == pytest.approx(fo_results.mAP(), abs=1e-9), seed
         ds.delete()
+
+
+def test_roc_auc_counts_ties_half_and_needs_both_classes():
+    from workers.rounds.evaluation import roc_auc
+
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == 0.0
+    assert roc_auc([0.5, 0.5], [False, True]) == 0.5
+    assert roc_auc([0.3, 0.4, 0.35], [True, False, True]) == pytest.approx(0.0)
+    assert roc_auc([0.1, 0.2], [True, True]) is None

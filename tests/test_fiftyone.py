@@ -185,3 +185,41 @@ def test_written_predictions_evaluate_like_our_own_map(fiftyone, embedded, video
     }
     ours = evaluate(preds, gts, thresholds=[0.5], span="frames")
     assert ours.mean_ap == pytest.approx(res.mAP(), abs=1e-9)
+
+
+def test_a_round_from_the_operator_reports_its_stages_steps_and_loss(
+    fiftyone, embedded, video_dataset, tmp_path, tiny_spec, monkeypatch
+):
+    """The finetune_round operator, delegated, runs the round on the dataset's checked field (the corrupt
+    video left out), and the operation's progress goes through collect, training steps with the loss, the
+    gate; the registry records the round."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    from workers.rounds.registry import ModelStore
+    from workers.rounds.run import init_store
+
+    store = ModelStore(tmp_path / "store")
+    init_store(store, tiny_spec)
+    monkeypatch.setenv("STLLM_MODEL_STORE", str(store.root))
+    seen = []
+    real = DelegatedOperationService.set_progress
+
+    def record(self, doc_id, progress):
+        seen.append((progress.progress, progress.label))
+        return real(self, doc_id, progress)
+
+    monkeypatch.setattr(DelegatedOperationService, "set_progress", record)
+    ds, _, _ = video_dataset
+    result = run(fiftyone, "finetune_round", ds, gt_field="gt", steps=3, force=True)
+    assert result.error is None, result.error
+    assert result.result["state"] == "SUCCESS" and result.result["version"] == "round-1"
+    labels = [label for _, label in seen]
+    assert any(x.startswith("collect") for x in labels) and any(x.startswith("gate") for x in labels)
+    steps = [x for x in labels if x.startswith("training: step")]
+    assert [x.split()[2] for x in steps] == ["1/3,", "2/3,", "3/3,"] and all("loss" in x for x in steps)
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)  # progress only moves forward
+    snapshot = store.read()["versions"]["round-1"]["snapshot_path"]
+    assert (
+        len(ModelStore(store.root).read()["versions"]) == 2
+        and "corrupt" not in (store.root / snapshot).read_text()
+    )

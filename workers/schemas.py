@@ -83,24 +83,45 @@ def parse_labels(items: list[str] | list[dict] | list[EventLabel]) -> list[Event
     return out
 
 
-class PrelabelSettings(BaseModel):
-    """How a video is cut into windows and how window probabilities become segments."""
+FALLBACK_WINDOW_S = 4.0  # windows of a version that recorded none (a base model), every half window
 
-    window_s: float = Field(4.0, gt=0)
-    stride_s: float = Field(2.0, gt=0)
+
+class PrelabelSettings(BaseModel):
+    """How a video is cut into windows and how window probabilities become segments.
+
+    ``window_s``/``stride_s`` left unset mean the windows the served version's round chose from its
+    corrections (recorded in the version), else 4 s every 2 s; :meth:`resolved` makes them concrete.
+    ``refine_edges`` places segment edges between window centres where the probability crosses the threshold.
+    """
+
+    window_s: float | None = Field(None, gt=0)
+    stride_s: float | None = Field(None, gt=0)
     frames_per_window: int = Field(4, ge=1, le=64)
     global_frames: int = Field(16, ge=0, le=256)
     high: float = Field(0.5, ge=0, le=1)
     low: float = Field(0.4, ge=0, le=1)
-    smoothing: int = Field(3, ge=1)
+    smoothing: int = Field(1, ge=1)  # windows fit the events already: no averaging over neighbours
     min_duration_s: float = Field(0.0, ge=0)
     window_batch: int = Field(32, ge=1)
+    refine_edges: bool = True
 
     @model_validator(mode="after")
     def _thresholds(self):
         if self.low > self.high:
             raise ValueError(f"low threshold {self.low} is above high threshold {self.high}")
         return self
+
+    def resolved(self, recorded: dict | None = None) -> PrelabelSettings:
+        """These settings with concrete windows: the explicit ones, else ``recorded`` (a version's
+        ``{"window_s", "stride_s"}``), else 4 s; an unset stride is the recorded one with the recorded
+        window, else half the window."""
+        recorded = recorded or {}
+        window = self.window_s or recorded.get("window_s") or FALLBACK_WINDOW_S
+        stride = self.stride_s
+        if stride is None:
+            same = self.window_s is None or self.window_s == recorded.get("window_s")
+            stride = recorded.get("stride_s") if same and recorded.get("stride_s") else window / 2
+        return self.model_copy(update={"window_s": float(window), "stride_s": float(stride)})
 
 
 class AskSettings(BaseModel):
@@ -208,6 +229,10 @@ class CorrectedVideo(BaseModel):
     segments: list[Segment] = Field(default_factory=list)
     source: str = ""
     source_ids: dict = Field(default_factory=dict)
+    labels: list[str] | None = None  # the labels it was checked for, when not all of its snapshot's
+
+    def checked_for(self, label: str) -> bool:
+        return self.labels is None or label in self.labels
 
 
 class Snapshot(BaseModel):
@@ -249,13 +274,18 @@ class TrainSettings(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
     answer_choices: bool = True  # cross-entropy over the yes/no tokens only, as inference normalises them
+    paired: bool = True  # each window drawn with a yes to one question and a no to another
 
 
 class RoundSettings(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     prelabel: PrelabelSettings = Field(default_factory=PrelabelSettings)
     validation_fraction: float = Field(0.25, gt=0, lt=1)
-    margin: float = 0.0
+    margin: float = 0.0  # the gain's bootstrap interval must lie above this to promote
+    confidence: float = Field(0.9, gt=0, lt=1)  # of that interval
+    resamples: int = Field(500, ge=10)
+    label_drop: float = Field(0.15, ge=0, le=1)  # a label whose AP@0.5 falls by more blocks promotion
+    accumulate: bool = True  # train on every earlier round's corrections too
     yes_overlap: float = Field(
         0.5, ge=0, le=1
     )  # a window is a 'yes' for a label when events cover this share

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 
 from workers.settings import current
 
@@ -113,16 +112,6 @@ class RoundProgress:
         elif stage != self._stage:
             self.bar.write(f"{stage}: {info}", file=sys.stderr)
         self._stage = stage
-
-    def follow(self, poll: Callable[[], tuple[str, dict]], every_s: float = 1.0) -> tuple[str, dict]:
-        """Poll ``poll()`` -> (state, info) until the round ends; returns the last (state, info)."""
-        while True:
-            state, info = poll()
-            if state == "PROGRESS":
-                self(info.get("stage", "?"), info)
-            if state in ("SUCCESS", "FAILURE"):
-                return state, info
-            time.sleep(every_s)
 
     def close(self) -> None:
         self.bar.close()

@@ -147,8 +147,13 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--labels", nargs="+", required=True, help="event labels: 'name' or 'name: one-line description'"
     )
-    p.add_argument("--window", type=float, default=pre["window_s"].default, help="window length, seconds")
-    p.add_argument("--stride", type=float, default=pre["stride_s"].default, help="window stride, seconds")
+    p.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="window length, seconds (default: the windows the model version's round chose, else 4)",
+    )
+    p.add_argument("--stride", type=float, default=None, help="window stride, seconds (default: as --window)")
     p.add_argument("--frames", type=int, default=pre["frames_per_window"].default, help="frames per window")
     p.add_argument("--high", type=float, default=pre["high"].default, help="P(yes) that starts an event")
     p.add_argument(

@@ -7,7 +7,7 @@ import sys
 import time
 
 from workers.cli.common import RoundProgress
-from workers.schemas import RoundSettings, TrainSettings, default
+from workers.schemas import PrelabelSettings, RoundSettings, TrainSettings, default
 from workers.settings import current
 
 
@@ -89,6 +89,7 @@ def _round_start(args, store) -> int:
             mvm=not args.no_mvm and not args.no_masking,
             seed=args.seed,
         ),
+        prelabel=PrelabelSettings(window_s=args.window, stride_s=args.stride),
         margin=args.margin,
         force=args.force,
     )
@@ -99,14 +100,10 @@ def _round_start(args, store) -> int:
     request = RoundRequest(corrections=corrections, settings=settings, store=str(store.root))
     bar = RoundProgress(args.steps)
     try:
+        task_id = client.submit_round(request, bar)  # without a broker the round runs here
         if current().broker_url:
-            task_id = client.submit_round(request)
             print(f"round submitted to the finetune queue as {task_id}", file=sys.stderr)
-            state, info = bar.follow(lambda: client.round_status(task_id))
-        else:
-            from workers.rounds.run import run_round_request
-
-            state, info = "SUCCESS", run_round_request(request, bar)
+        state, info = client.follow_round(task_id, bar)
     finally:
         bar.close()
     if state == "FAILURE":
@@ -128,8 +125,10 @@ def add_parsers(sub) -> None:
     r = rsub.add_parser(
         "start",
         help="train a candidate on corrections; promote it if it measures better",
-        description="Trains LoRA adapters (ST-LLM masking + MVM) on the corrections, evaluates the candidate "
-        "against the serving version on a held-back validation split, and promotes it only if it is better.",
+        description="Trains LoRA adapters (ST-LLM masking + MVM) on the corrections together with every "
+        "earlier round's, on windows chosen from the corrected events' durations; evaluates the candidate "
+        "against the serving version on a held-back validation split and promotes it only if its mAP@0.5 "
+        "gain is clear (a bootstrap interval above --margin) and it loses no label the serving version knew.",
     )
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-jsonl", help="corrections as a ground_truth.jsonl (stllm generate's format)")
@@ -149,10 +148,20 @@ def add_parsers(sub) -> None:
         flag = "--" + name.replace("_", "-")
         r.add_argument(flag, type=kind, default=train[name].default, help=f"default {train[name].default}")
     r.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="window length, seconds (default: chosen from the corrected events' durations, and recorded "
+        "in the version so that pre-labeling with it uses the same)",
+    )
+    r.add_argument(
+        "--stride", type=float, default=None, help="window stride, seconds (default: half a window)"
+    )
+    r.add_argument(
         "--margin",
         type=float,
         default=default(RoundSettings, "margin"),
-        help="mAP@0.5 the candidate must gain to be promoted",
+        help="the lower end of the bootstrap interval of the mAP@0.5 gain must be above this to promote",
     )
     r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
     r.add_argument(

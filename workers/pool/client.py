@@ -195,21 +195,22 @@ def cancel(job_id: str) -> None:
     app.control.revoke(meta["tasks"])
 
 
-def submit_round(request: RoundRequest) -> str:
+def submit_round(request: RoundRequest, progress: Callable[[str, dict], None] | None = None) -> str:
     """Start a fine-tune round on the pool's ``finetune`` queue; returns the task id to follow with
-    :func:`round_status`. With no broker configured the round runs here, before this returns (the embedded
-    default)."""
-    from workers.pool import tasks
-
-    body = request.model_dump(mode="json")
+    :func:`round_status` or :func:`follow_round`. With no broker configured the round runs here, before this
+    returns (the embedded default), calling ``progress(stage, info)`` as it goes."""
     if broker_url() is None:
+        from workers.rounds.run import run_round_request
+
         round_id = f"local-{uuid.uuid4().hex}"
         try:
-            _local_rounds[round_id] = ("SUCCESS", tasks.finetune.run(body))
+            _local_rounds[round_id] = ("SUCCESS", run_round_request(request, progress))
         except Exception as e:  # a failed round leaves the store as it was; say why
             _local_rounds[round_id] = ("FAILURE", {"error": f"{e.__class__.__name__}: {e}"})
         return round_id
-    return tasks.finetune.apply_async((body,)).id
+    from workers.pool import tasks
+
+    return tasks.finetune.apply_async((request.model_dump(mode="json"),)).id
 
 
 def round_status(task_id: str) -> tuple[str, dict]:
@@ -222,6 +223,20 @@ def round_status(task_id: str) -> tuple[str, dict]:
     if isinstance(info, Exception):
         info = {"error": f"{info.__class__.__name__}: {info}"}
     return r.state, info or {}
+
+
+def follow_round(
+    task_id: str, progress: Callable[[str, dict], None] | None = None, every_s: float = 1.0
+) -> tuple[str, dict]:
+    """Wait for a round to end, calling ``progress(stage, info)`` on each PROGRESS state seen (stage is
+    'collect', 'features', 'train' with step and loss, 'gate'); returns the final (state, info)."""
+    while True:
+        state, info = round_status(task_id)
+        if state == "PROGRESS" and progress:
+            progress(info.get("stage", "?"), info)
+        if state in ("SUCCESS", "FAILURE"):
+            return state, info
+        time.sleep(every_s)
 
 
 def served_version() -> str:

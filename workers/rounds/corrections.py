@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
-from workers.schemas import CorrectedVideo, EventLabel, Snapshot
+import numpy as np
+
+from workers.schemas import FALLBACK_WINDOW_S, CorrectedVideo, EventLabel, Snapshot
+
+log = logging.getLogger(__name__)
 
 
 def save_snapshot(snapshot: Snapshot, store_root: Path) -> Path:
@@ -54,6 +59,45 @@ def split_ids(video_ids: list[str], validation_fraction: float = 0.25) -> tuple[
         last = max(val, key=_unit_hash)
         train, val = [last], [i for i in val if i != last]
     return train, val
+
+
+def accumulate(previous: Snapshot | None, new: Snapshot) -> Snapshot:
+    """What a round trains on: the corrections of every earlier round (``previous``, the snapshot the last
+    recorded round trained on) with ``new`` on top, so a round never learns from less than the one before.
+
+    A video corrected again keeps its newest correction. The labels are the union (a newer description
+    wins); a video keeps the labels it was checked for, so a label added later is not taken as absent from
+    videos nobody checked for it."""
+    if previous is None:
+        return new if new.id else new.frozen()
+    labels = {x.name: x for x in previous.labels} | {x.name: x for x in new.labels}
+    videos: dict[str, CorrectedVideo] = {}
+    for snap in (previous, new):
+        names = [x.name for x in snap.labels]
+        for v in snap.videos:
+            checked = v.labels if v.labels is not None else names
+            videos[v.video_id] = v.model_copy(
+                update={"labels": None if set(checked) == set(labels) else sorted(checked)}
+            )
+    sources = previous.sources + [x for x in new.sources if x not in previous.sources]
+    return Snapshot(labels=list(labels.values()), videos=list(videos.values()), sources=sources).frozen()
+
+
+def choose_windows(snapshot: Snapshot, yes_overlap: float = 0.5) -> dict[str, float]:
+    """Windows that fit the corrected events. A window is a 'yes' for a label when its events cover
+    ``yes_overlap`` of it, so the window is as long as lets the typical (median-length) event of every
+    label give 'yes' windows: the shortest per-label median duration / ``yes_overlap``, down to half a
+    second, within 1-16 s; the stride is half the window. Without segments: 4 s every 2 s."""
+    durations: dict[str, list[float]] = {}
+    for v in snapshot.videos:
+        for x in v.segments:
+            if x.end_s > x.start_s:
+                durations.setdefault(x.label, []).append(x.end_s - x.start_s)
+    if not durations:
+        return {"window_s": FALLBACK_WINDOW_S, "stride_s": FALLBACK_WINDOW_S / 2}
+    shortest = min(float(np.median(d)) for d in durations.values())
+    window = float(np.clip(np.floor(shortest / max(yes_overlap, 0.05) * 2) / 2, 1.0, 16.0))
+    return {"window_s": window, "stride_s": window / 2}
 
 
 def _vocabulary(videos: list[CorrectedVideo], labels: list[EventLabel] | None) -> list[EventLabel]:
@@ -102,9 +146,14 @@ def snapshot_from_fiftyone(
     view = ds.load_saved_view(view_name) if view_name else ds.view()
     if gt_field not in ds.get_field_schema():
         raise ValueError(f"dataset {dataset_name!r} has no field {gt_field!r}")
-    videos = []
+    videos, unreadable = [], []
     for sample in view.select_fields(gt_field):
-        info = probe(sample.filepath)
+        try:
+            info = probe(sample.filepath)
+        except Exception as e:  # one unreadable video is left out, named; the rest still train
+            log.warning("corrections: %s left out: %s", sample.filepath, e)
+            unreadable.append(sample.filepath)
+            continue
         dets = sample[gt_field].detections if sample[gt_field] is not None else []
         segs = []
         for d in dets:
@@ -132,7 +181,10 @@ def snapshot_from_fiftyone(
             )
         )
     if not videos:
-        raise ValueError(f"no samples in {dataset_name!r}" + (f" view {view_name!r}" if view_name else ""))
+        where = f"{dataset_name!r}" + (f" view {view_name!r}" if view_name else "")
+        raise ValueError(
+            f"no readable samples in {where}" + (f" ({len(unreadable)} unreadable)" if unreadable else "")
+        )
     source = f"fiftyone:{dataset_name}.{gt_field}" + (f"@{view_name}" if view_name else "")
     return Snapshot(labels=_vocabulary(videos, labels), videos=videos, sources=[source]).frozen()
 

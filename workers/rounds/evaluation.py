@@ -132,3 +132,49 @@ def evaluate(
                 per[label][t] = ap
     report.ap = dict(per)
     return report
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes."""
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def window_auc(
+    windows_of: Mapping[str, Sequence[tuple[float, float]]],
+    probs_of: Mapping[str, Mapping[str, Sequence[float]]],
+    ground_truth: Mapping[str, Sequence[Segment]],
+    labels: Sequence[str],
+    yes_overlap: float = 0.5,
+) -> dict[str, float | None]:
+    """Per label, the ROC-AUC of window P(yes) against the windows' targets as rounds train them (events
+    cover at least ``yes_overlap`` of the window: yes; none of it: no; in between: left out). Inputs are
+    keyed by video: its windows, its per-label window probabilities, its ground truth."""
+    from workers.events import covered_share
+
+    out: dict[str, float | None] = {}
+    for label in labels:
+        scores, targets = [], []
+        for video, spans in windows_of.items():
+            gt = [g for g in ground_truth.get(video, ()) if g.label == label]
+            for (a, b), p in zip(spans, probs_of[video][label], strict=True):
+                share = covered_share(gt, a, b)
+                if share >= yes_overlap or share == 0:
+                    scores.append(p)
+                    targets.append(share >= yes_overlap)
+        out[label] = roc_auc(scores, targets)
+    return out

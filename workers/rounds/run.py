@@ -1,11 +1,15 @@
 """Fine-tune rounds: a snapshot of corrections in, a LoRA adapter out, promoted only if it measures better.
 
-    collect   a frozen Snapshot (workers.rounds.corrections), saved in the model store
+    collect   the new corrections on top of every earlier round's (the store keeps each snapshot), frozen
+              and saved in the model store
+    windows   window length and stride chosen from the corrected events' durations (unless set; the
+              serving version's when they are within 1.5x of it), recorded in the version: pre-labeling
+              with it uses them by default
     split     train / validation by a hash of each video id (stable across rounds)
     train     window-level yes/no examples from overlap with the corrected segments, balanced;
               LoRA + projector + global-local MLP + MVM head, masking + MVM on by default, seeded, resumable
-    gate      candidate vs serving version on the validation split: mAP@0.5 and mean AP over tIoU 0.3-0.7;
-              promoted only if mAP@0.5 beats the serving version by ``margin`` (or forced)
+    gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
+              interval of the mAP@0.5 gain, and no label lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
 
 A round that fails anywhere leaves the registry and the served version as they were.
@@ -20,13 +24,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workers.events import windows
+from workers.events import covered_share, windows
 from workers.jobs import decode_side, decode_windows, prelabel_videos
-from workers.rounds.corrections import save_snapshot, split_ids
+from workers.rounds.corrections import accumulate, choose_windows, load_snapshot, save_snapshot, split_ids
 from workers.rounds.evaluation import evaluate
+from workers.rounds.gate import bootstrap_gain, decide
 from workers.rounds.registry import ModelStore, RegistryError
 from workers.schemas import (
     FiftyOneCorrections,
+    PrelabelSettings,
     RoundRequest,
     RoundSettings,
     Segment,
@@ -64,29 +70,12 @@ def init_store(store: ModelStore, base: str = "builtin") -> Path:
     return path
 
 
-def _covered(segments: list[Segment], start: float, end: float) -> float:
-    """Share of [start, end) covered by the union of ``segments``."""
-    spans = sorted(
-        (max(s.start_s, start), min(s.end_s, end)) for s in segments if s.end_s > start and s.start_s < end
-    )
-    total, cur_s, cur_e = 0.0, None, None
-    for a, b in spans:
-        if cur_e is None or a > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = a, b
-        else:
-            cur_e = max(cur_e, b)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total / (end - start)
-
-
 def window_examples(
     snapshot: Snapshot, video_ids: list[str], settings: RoundSettings
 ) -> list[tuple[str, int, str, str]]:
-    """(video_id, window, question, yes/no) for every window and label whose target is clear."""
-    p = settings.prelabel
+    """(video_id, window, question, yes/no) for every window and label whose target is clear, on the
+    windows of ``settings.prelabel`` (concrete: see :meth:`PrelabelSettings.resolved`)."""
+    p = settings.prelabel.resolved()
     out = []
     by_id = {v.video_id: v for v in snapshot.videos}
     for vid in video_ids:
@@ -94,7 +83,9 @@ def window_examples(
         segs = v.segments
         for w, (s, e) in enumerate(windows(v.duration, p.window_s, p.stride_s)):
             for label in snapshot.labels:
-                share = _covered([x for x in segs if x.label == label.name], s, e)
+                if not v.checked_for(label.name):
+                    continue
+                share = covered_share([x for x in segs if x.label == label.name], s, e)
                 if share >= settings.yes_overlap:
                     out.append((vid, w, label.question(), "yes"))
                 elif share <= settings.no_overlap:
@@ -102,16 +93,35 @@ def window_examples(
     return out
 
 
-def _evaluate(model, snapshot: Snapshot, video_ids: list[str], settings: RoundSettings) -> dict:
+def _predict(
+    model, snapshot: Snapshot, video_ids: list[str], prelabel: PrelabelSettings
+) -> dict[str, list[Segment]]:
+    """Each validation video's predicted segments (for the labels it was checked for), keyed by video id."""
     by_id = {v.video_id: v for v in snapshot.videos}
-    results = prelabel_videos(model, [by_id[i].video for i in video_ids], snapshot.labels, settings.prelabel)
-    preds = {r.video: r.segments for r in results if r.error is None}
+    results = prelabel_videos(model, [by_id[i].video for i in video_ids], snapshot.labels, prelabel)
     failed = [r.error for r in results if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} validation videos failed: {failed[:3]}")
-    gt = {by_id[i].video: by_id[i].segments for i in video_ids}
-    labels = [label.name for label in snapshot.labels]
-    return evaluate(preds, gt, labels=labels).to_dict()
+    return {
+        i: [x for x in r.segments if by_id[i].checked_for(x.label)]
+        for i, r in zip(video_ids, results, strict=True)
+    }
+
+
+def serving_windows(store: ModelStore, name: str) -> dict[str, float]:
+    """The windows version ``name`` recorded (empty for a base model)."""
+    return store.read()["versions"][name].get("windows") or {}
+
+
+def previous_snapshot(store: ModelStore) -> Snapshot | None:
+    """The snapshot the store's latest recorded round trained on (None before the first round)."""
+    versions = store.read()["versions"]
+    rounds = sorted(
+        (int(n.split("-")[1]), v)
+        for n, v in versions.items()
+        if n.startswith("round-") and v.get("snapshot_path")
+    )
+    return load_snapshot(store.root / rounds[-1][1]["snapshot_path"]) if rounds else None
 
 
 def run_round(
@@ -135,7 +145,19 @@ def run_round(
         timings: dict[str, float] = {}
         try:
             t = time.perf_counter()
+            new_id = snapshot.id or snapshot.frozen().id
+            if s.accumulate:
+                snapshot = accumulate(previous_snapshot(store), snapshot)
             snap_path = save_snapshot(snapshot, store.root)
+            asked = s.prelabel  # the served version is measured as it serves: its own windows unless set
+            windows_now = serving_windows(store, serving_name)
+            chosen = choose_windows(snapshot, s.yes_overlap)
+            if windows_now and 1 / 1.5 <= chosen["window_s"] / windows_now["window_s"] <= 1.5:
+                chosen = (
+                    windows_now  # close enough: keep what the adapter learned on, and compare like with like
+                )
+            p = asked.resolved(chosen if asked.window_s is None else None)
+            s = s.model_copy(update={"prelabel": p})
             ids = [v.video_id for v in snapshot.videos]
             train_ids, val_ids = split_ids(ids, s.validation_fraction)
             if not train_ids or not val_ids:
@@ -143,23 +165,42 @@ def run_round(
                     f"{len(ids)} corrected videos give {len(train_ids)} for training and {len(val_ids)} for "
                     "validation: a round needs both; add corrections"
                 )
-            report("collect", {"snapshot": snapshot.id, "train": len(train_ids), "validation": len(val_ids)})
+            report(
+                "collect",
+                {
+                    "snapshot": snapshot.id,
+                    "new": new_id,
+                    "videos": len(ids),
+                    "train": len(train_ids),
+                    "validation": len(val_ids),
+                    "window_s": p.window_s,
+                    "stride_s": p.stride_s,
+                },
+            )
 
             model = load_model(serving_dir, device=s.device, dtype=s.dtype, trainable=True)
-            p = s.prelabel
             by_id = {v.video_id: v for v in snapshot.videos}
-            feats, index = [], {}
+            feats, index, skipped = [], {}, {}
             for i in train_ids:
-                d = decode_windows(
-                    by_id[i].video,
-                    p.window_s,
-                    p.stride_s,
-                    p.frames_per_window,
-                    p.global_frames,
-                    decode_side(model),
-                )
+                try:
+                    d = decode_windows(
+                        by_id[i].video,
+                        p.window_s,
+                        p.stride_s,
+                        p.frames_per_window,
+                        p.global_frames,
+                        decode_side(model),
+                    )
+                except Exception as e:  # e.g. an earlier round's video since deleted: the rest still train
+                    log.warning("round %s: training video %s skipped: %s", name, by_id[i].video, e)
+                    skipped[i] = f"{by_id[i].video}: {e}"
+                    continue
                 index[i] = len(feats)
                 feats.append(VideoFeatures(model.frame_features(d.frames), d.window_index, d.global_index))
+                report("features", {"video": len(index) + len(skipped), "of": len(train_ids)})
+            if not feats:
+                raise ValueError(f"no training video could be read: {list(skipped.values())[:3]}")
+            train_ids = [i for i in train_ids if i in index]
             examples = [Example(index[v], w, q, a) for v, w, q, a in window_examples(snapshot, train_ids, s)]
             timings["collect_s"] = round(time.perf_counter() - t, 2)
 
@@ -178,20 +219,34 @@ def run_round(
             t = time.perf_counter()
             if candidate_dir.exists():
                 shutil.rmtree(candidate_dir)  # leftovers of a failed attempt at this round
+            model.windows = {"window_s": p.window_s, "stride_s": p.stride_s}
             save_model(model, candidate_dir, version=name)
             candidate = load_model(candidate_dir, device=s.device, dtype=s.dtype)
-            cand_metrics = _evaluate(candidate, snapshot, val_ids, s)
+            labels = [label.name for label in snapshot.labels]
+            gt = {i: by_id[i].segments for i in val_ids}
+            cand_preds = _predict(candidate, snapshot, val_ids, p)
             del candidate
             serving_model = load_model(serving_dir, device=s.device, dtype=s.dtype)
-            serve_metrics = _evaluate(serving_model, snapshot, val_ids, s)
-            timings["evaluate_s"] = round(time.perf_counter() - t, 2)
-
-            better = cand_metrics["mAP@0.5"] > serve_metrics["mAP@0.5"] + s.margin
-            promote = better or s.force
-            reason = (
-                f"{name} mAP@0.5 {cand_metrics['mAP@0.5']:.3f} vs {serving_name} {serve_metrics['mAP@0.5']:.3f}"
-                + (" (forced)" if s.force and not better else "")
+            serve_preds = _predict(serving_model, snapshot, val_ids, asked)
+            del serving_model
+            cand_metrics = evaluate(cand_preds, gt, labels=labels).to_dict()
+            serve_metrics = evaluate(serve_preds, gt, labels=labels).to_dict()
+            gain, interval = bootstrap_gain(
+                cand_preds, serve_preds, gt, labels, s.resamples, s.confidence, s.train.seed
             )
+            gate = decide(
+                name,
+                serving_name,
+                cand_metrics["per_label_AP@0.5"],
+                serve_metrics["per_label_AP@0.5"],
+                gain,
+                interval,
+                s.margin,
+                s.label_drop,
+                s.force,
+            )
+            timings["evaluate_s"] = round(time.perf_counter() - t, 2)
+            promote, reason = gate.promote, gate.reason
             report("gate", {"promote": promote, "reason": reason})
             store.add_version(
                 name,
@@ -202,7 +257,10 @@ def run_round(
                     "snapshot": snapshot.id,
                     "snapshot_path": str(snap_path.relative_to(store.root)),
                     "settings": s.model_dump(),
+                    "windows": model.windows,
+                    "skipped": skipped,
                     "metrics": {"validation": cand_metrics, "parent_validation": serve_metrics},
+                    "gate": gate.to_dict(),
                     "final_loss": history[-1] if history else None,
                     "timings": timings,
                 },

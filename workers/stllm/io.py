@@ -1,7 +1,8 @@
 """Building, saving and loading ST-LLM models; device and dtype choice.
 
 A model directory holds:
-    stllm.json               backbone spec (the base reference), method config, version
+    stllm.json               backbone spec (the base reference), method config, version, the windows
+                             its round chose
     trainable.safetensors    the non-LoRA trainable parts (projector/connector, global-local MLP, MVM head)
     adapter/                 the LoRA adapter in peft's format (absent for a base model)
 """
@@ -93,6 +94,7 @@ def save_model(model: STLLM, directory: str | os.PathLike, version: str | None =
         "backbone": model.backbone.spec,
         "config": dataclasses.asdict(model.config),
         "version": version or model.version,
+        "windows": model.windows,
     }
     (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
     state = {
@@ -139,5 +141,6 @@ def load_model(
         model.load_lora(str(directory / "adapter"), trainable=trainable)
     model.to(model.device)
     model.version = meta.get("version", "base")
+    model.windows = meta.get("windows") or {}
     model.eval()
     return model

@@ -63,6 +63,7 @@ class STLLM(nn.Module):
         self.lm = backbone.decoder  # replaced by a peft model when LoRA is attached
         self.compute_dtype = torch.float32
         self.version = "base"
+        self.windows: dict[str, float] = {}  # the windows its round chose ({"window_s", "stride_s"}), saved
         head, tail = backbone.prompt_parts()
         self.prompt_head, self.prompt_mid, self.prompt_tail = head, backbone.prompt_mid, tail
 

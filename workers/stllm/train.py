@@ -33,6 +33,7 @@ class TrainOptions:
     seed: int
     checkpoint_every: int
     answer_choices: bool  # cross-entropy over the yes/no tokens only, as inference normalises them
+    paired: bool  # each drawn example comes with its window's opposite answer to another question
 
 
 @dataclass
@@ -75,21 +76,39 @@ def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, t
 def balanced_batches(examples: list[Example], settings: TrainOptions) -> list[list[Example]]:
     """``steps`` batches drawn with a seeded RNG: each example picks a question (label) uniformly, then
     yes or no with equal chance, then one window of that kind, so rare events are seen as often as common
-    ones."""
+    ones.
+
+    ``paired``: each draw also takes, from the same window, another question with the opposite answer
+    (where the window has one). A model that answers from the video alone, whatever it is asked, then
+    gains nothing: the pair differs only in the question, so the loss falls only as the model learns to
+    read it."""
     rng = random.Random(settings.seed)
     by_question: dict[str, dict[str, list[Example]]] = {}
+    by_window: dict[tuple[int, int], dict[str, list[Example]]] = {}
     for ex in examples:
         by_question.setdefault(ex.question, {"yes": [], "no": []})[ex.answer].append(ex)
+        by_window.setdefault((ex.video, ex.window), {}).setdefault(ex.answer, []).append(ex)
     pools = [p for _, p in sorted(by_question.items()) if p["yes"] or p["no"]]
     if not pools:
         raise ValueError("no training examples")
     batches = []
     for _ in range(settings.steps):
-        batch = []
-        for _ in range(settings.batch_size):
+        batch: list[Example] = []
+        while len(batch) < settings.batch_size:
             pool = rng.choice(pools)
             kind = rng.choice([k for k in ("yes", "no") if pool[k]])
-            batch.append(rng.choice(pool[kind]))
+            ex = rng.choice(pool[kind])
+            batch.append(ex)
+            if settings.paired and len(batch) < settings.batch_size:
+                other = [
+                    x
+                    for a, xs in by_window[(ex.video, ex.window)].items()
+                    if a != ex.answer
+                    for x in xs
+                    if x.question != ex.question
+                ]
+                if other:
+                    batch.append(rng.choice(other))
         batches.append(batch)
     return batches
 

@@ -2,8 +2,13 @@
 
 1. generate factory-line videos: a held-out set, and two batches standing in for annotators' corrections;
 2. pre-label the held-out set with the base model, next to a random and a constant predictor;
-3. round 1 on the first batch of corrections, round 2 on both batches (each gated on its validation split);
-4. print mAP@0.5 and per-label AP of every version on the held-out set; write demo.json and demo.png.
+3. round 1 on the first batch of corrections, round 2 on the second (the store keeps the first: round 2
+   trains on both); each round chooses its windows from the corrections and is gated on its validation split;
+4. print mAP@0.5 and per-label AP of every version on the held-out set, each with its own windows as it would
+   serve, beside the ceiling of those windows (perfect window probabilities) and the effect of edge
+   refinement; write demo.json and demo.png.
+
+Every setting is the product's default: what a user gets from ``stllm round start`` and ``stllm prelabel``.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.events import segments_from_probabilities, window_cores
+from workers.events import covered_share, segments_from_probabilities, window_cores
 from workers.jobs import prelabel_videos
-from workers.rounds.corrections import Snapshot, snapshot_from_ground_truth
-from workers.rounds.evaluation import EvaluationReport, evaluate
+from workers.rounds.corrections import snapshot_from_ground_truth
+from workers.rounds.evaluation import EvaluationReport, evaluate, window_auc
 from workers.rounds.registry import ModelStore
 from workers.rounds.run import RoundSettings, init_store, run_round
 from workers.schemas import PrelabelResult, PrelabelSettings, Segment, TrainSettings, parse_labels
@@ -60,8 +65,58 @@ def _evaluate_version(
     return evaluate(preds, gt), results
 
 
-def _merge(a: Snapshot, b: Snapshot) -> Snapshot:
-    return Snapshot(labels=a.labels, videos=a.videos + b.videos, sources=a.sources + b.sources).frozen()
+def _coverage_segments(
+    result: PrelabelResult, gt: list[Segment], settings: PrelabelSettings
+) -> list[Segment]:
+    """The ceiling of a version's windows: segments from perfect window probabilities (the share of each
+    window the ground truth covers), through the same thresholds, merging and edge refinement."""
+    meta, spans = result.meta, [tuple(w) for w in result.windows]
+    cores = window_cores(spans, settings.stride_s, meta.duration)
+    centres = [(a + b) / 2 for a, b in spans] if settings.refine_edges else None
+    out: list[Segment] = []
+    for label in EVENTS:
+        probs = np.array([covered_share([g for g in gt if g.label == label], a, b) for a, b in spans])
+        out += segments_from_probabilities(
+            label,
+            cores,
+            probs,
+            meta.fps,
+            meta.n_frames,
+            settings.high,
+            settings.low,
+            settings.smoothing,
+            centres=centres,
+        )
+    return out
+
+
+def _aucs(results: list[PrelabelResult], gt: dict) -> dict[str, float | None]:
+    ok = [r for r in results if r.error is None]
+    return window_auc(
+        {r.video: [tuple(w) for w in r.windows] for r in ok},
+        {r.video: r.window_probs for r in ok},
+        gt,
+        EVENTS,
+    )
+
+
+def _unrefined(result: PrelabelResult, settings: PrelabelSettings) -> list[Segment]:
+    """The same window probabilities as ``result``, merged with edges at the windows' bounds."""
+    meta, spans = result.meta, [tuple(w) for w in result.windows]
+    cores = window_cores(spans, settings.stride_s, meta.duration)
+    out: list[Segment] = []
+    for label in EVENTS:
+        out += segments_from_probabilities(
+            label,
+            cores,
+            result.window_probs[label],
+            meta.fps,
+            meta.n_frames,
+            settings.high,
+            settings.low,
+            settings.smoothing,
+        )
+    return out
 
 
 def _plot(rows: dict[str, EvaluationReport], path: Path) -> None:
@@ -113,8 +168,7 @@ def run_demo(
     labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
     gt = {r["video"]: [Segment.model_validate(s) for s in r["segments"]] for r in heldout}
     videos = list(gt)
-    # line events last 1.5-7 s: 2 s windows every second, no smoothing, resolve them
-    pre = PrelabelSettings(window_s=2.0, stride_s=1.0, smoothing=1)
+    pre = PrelabelSettings()  # each version's own windows: what it serves with
 
     store = ModelStore(workdir / "store")
     init_store(store, model_name)
@@ -123,38 +177,56 @@ def run_demo(
     base_report, base_results = _evaluate_version(
         load_model(store.version_dir("base"), dtype="auto"), videos, gt, pre, labels
     )
+    base_pre = pre.resolved()
     rng = np.random.default_rng(0)
-    rows["random"] = evaluate({r.video: baseline_segments(r, "random", pre, rng) for r in base_results}, gt)
+    rows["random"] = evaluate(
+        {r.video: baseline_segments(r, "random", base_pre, rng) for r in base_results}, gt
+    )
     rows["constant"] = evaluate(
-        {r.video: baseline_segments(r, "constant", pre, rng) for r in base_results}, gt
+        {r.video: baseline_segments(r, "constant", base_pre, rng) for r in base_results}, gt
     )
     rows["base"] = base_report
+    aucs = {"base": _aucs(base_results, gt)}
 
-    snap1 = snapshot_from_ground_truth(workdir / "batch1" / "ground_truth.jsonl", labels)
-    snap2 = _merge(snap1, snapshot_from_ground_truth(workdir / "batch2" / "ground_truth.jsonl", labels))
+    batches = [
+        snapshot_from_ground_truth(workdir / f"batch{i}" / "ground_truth.jsonl", labels) for i in (1, 2)
+    ]
     train = TrainSettings() if steps is None else TrainSettings(steps=steps)
     steps = train.steps
-    settings = RoundSettings(train=train, prelabel=pre)
-    rounds = []
-    for i, snap in enumerate((snap1, snap2), start=1):
-        _say(f"[3/4] round {i}: {len(snap.videos)} corrected videos, {steps} steps (masking + MVM)")
+    settings = RoundSettings(train=train)
+    rounds, edges, ceilings = [], {}, {}
+    for i, snap in enumerate(batches, start=1):
+        _say(f"[3/4] round {i}: {len(snap.videos)} new corrected videos, {steps} steps (masking + MVM)")
 
         def show(stage: str, info: dict) -> None:
-            if stage != "train" or info["step"] % 25 == 0:
+            if stage not in ("train", "features") or (stage == "train" and info["step"] % 25 == 0):
                 _say(f"      {stage}: {info}")
 
         result = run_round(store, snap, settings, progress=show)
+        record = store.read()["versions"][result.version]
         rounds.append(
             {
                 "version": result.version,
                 "promoted": result.promoted,
                 "reason": result.reason,
+                "windows": record["windows"],
+                "gate": record["gate"],
                 "timings": result.timings,
             }
         )
         _say(f"      {result.reason} -> {'promoted' if result.promoted else 'not promoted'}")
-        rows[result.version], _ = _evaluate_version(
+        version_pre = pre.resolved(record["windows"])
+        rows[result.version], results = _evaluate_version(
             load_model(store.version_dir(result.version), dtype="auto"), videos, gt, pre, labels
+        )
+        aucs[result.version] = _aucs(results, gt)
+        plain = evaluate({r.video: _unrefined(r, version_pre) for r in results}, gt)
+        edges[result.version] = {
+            "refined": [round(rows[result.version].map_at(t), 4) for t in (0.5, 0.7)],
+            "window_bounds": [round(plain.map_at(t), 4) for t in (0.5, 0.7)],
+        }
+        ceilings[result.version] = evaluate(
+            {r.video: _coverage_segments(r, gt[r.video], version_pre) for r in results}, gt
         )
 
     _say("[4/4] held-out results")
@@ -167,6 +239,22 @@ def run_demo(
             f"{name:<10}{rep.map_at(0.5):>9.3f}{rep.mean_ap:>8.3f}  "
             + "".join(f"{per.get(e, 0):>12.3f}" for e in EVENTS)
         )
+    print("\nwindow ROC-AUC per label (P(yes) of each window against its target)")
+    for name, per in aucs.items():
+        print(
+            f"{name:<10}{'':>17}  "
+            + "".join(f"{per[e]:>12.3f}" if per[e] is not None else f"{'-':>12}" for e in EVENTS)
+        )
+    print("\nthe ceiling of each round's windows (perfect window probabilities), and edge refinement:")
+    print(
+        f"{'version':<10}{'windows':>12}{'ceiling mAP@0.5':>17}   mAP@0.5 / @0.7 refined   at window bounds"
+    )
+    for r in rounds:
+        v, w, e = r["version"], r["windows"], edges[r["version"]]
+        print(
+            f"{v:<10}{w['window_s']:>7.1f}/{w['stride_s']:<4.1f}{ceilings[v].map_at(0.5):>17.3f}   "
+            f"{e['refined'][0]:>7.3f} / {e['refined'][1]:.3f}        {e['window_bounds'][0]:.3f} / {e['window_bounds'][1]:.3f}"
+        )
     summary = {
         "heldout_videos": n_heldout,
         "duration_s": duration,
@@ -174,6 +262,9 @@ def run_demo(
         "serving": serving,
         "rounds": rounds,
         "table": {name: rep.to_dict() for name, rep in rows.items()},
+        "ceiling": {v: rep.to_dict() for v, rep in ceilings.items()},
+        "edges": edges,
+        "window_auc": aucs,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (workdir / "demo.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,99 @@
+"""The promotion gate, the window choice and snapshot accumulation: pure functions, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.rounds.corrections import accumulate, choose_windows
+from workers.rounds.gate import bootstrap_gain, decide
+from workers.schemas import CorrectedVideo, PrelabelSettings, Segment, Snapshot, parse_labels
+
+
+def seg(label: str, a: float, b: float, score: float = 1.0) -> Segment:
+    return Segment.from_seconds(label, a, b, 10.0, 300, score)
+
+
+def videos(n: int) -> dict[str, list[Segment]]:
+    return {f"v{i}": [seg("jam", 2.0 + i % 5, 6.0 + i % 5), seg("hand", 12.0, 14.0)] for i in range(n)}
+
+
+def test_a_version_against_itself_gains_nothing_and_is_not_promoted():
+    gt = videos(8)
+    gain, (low, high) = bootstrap_gain(gt, gt, gt, ["jam", "hand"], resamples=100)
+    assert gain == 0.0 and low == high == 0.0
+    d = decide("round-2", "round-1", {"jam": 1.0}, {"jam": 1.0}, gain, (low, high))
+    assert not d.promote and "not clearly above" in d.reason
+
+
+def test_a_clearly_better_candidate_is_promoted_and_a_lucky_one_on_two_videos_is_not():
+    gt = videos(10)
+    served = {v: [seg("jam", 20.0, 24.0)] for v in gt}  # never right
+    gain, interval = bootstrap_gain(gt, served, gt, ["jam", "hand"], resamples=200)
+    assert gain == pytest.approx(1.0) and interval[0] > 0.5
+    assert decide("round-1", "base", {"jam": 1.0, "hand": 1.0}, {}, gain, interval).promote
+    # right on one of two videos, as the served version is on the other: no clear gain
+    two = dict(list(gt.items())[:2])
+    cand = {"v0": two["v0"], "v1": []}
+    serv = {"v0": [], "v1": two["v1"]}
+    gain, interval = bootstrap_gain(cand, serv, two, ["jam", "hand"], resamples=200)
+    assert interval[0] < 0 < interval[1]
+    assert not decide("round-1", "base", {}, {}, gain, interval).promote
+
+
+def test_a_candidate_that_loses_a_known_label_is_held_back_and_the_reason_names_it():
+    d = decide("round-2", "round-1", {"jam": 0.9, "hand": 0.1}, {"jam": 0.3, "hand": 0.8}, 0.2, (0.05, 0.4))
+    assert not d.promote and "hand (AP@0.5 0.80 -> 0.10)" in d.reason and set(d.lost) == {"hand"}
+    forced = decide("round-2", "round-1", {"hand": 0.1}, {"hand": 0.8}, 0.0, (-0.1, 0.1), force=True)
+    assert forced.promote and "(forced)" in forced.reason
+
+
+def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:
+    return CorrectedVideo(
+        video_id=vid, video=f"/v/{vid}.mp4", fps=10.0, n_frames=300, duration=30.0, segments=segments
+    )
+
+
+def test_windows_fit_the_shortest_labels_typical_event():
+    labels = parse_labels(["jam", "hand"])
+    snap = Snapshot(
+        labels=labels,
+        videos=[
+            corrected(
+                "a", [seg("jam", 0, 6), seg("jam", 10, 18), seg("hand", 20, 21.3), seg("hand", 25, 26.1)]
+            )
+        ],
+    )
+    assert choose_windows(snap) == {"window_s": 2.0, "stride_s": 1.0}  # median hand 1.2 s / 0.5
+    long = Snapshot(labels=labels, videos=[corrected("a", [seg("jam", 0, 29), seg("hand", 0, 25)])])
+    assert choose_windows(long) == {"window_s": 16.0, "stride_s": 8.0}
+    empty = Snapshot(labels=labels, videos=[corrected("a", [])])
+    assert choose_windows(empty) == {"window_s": 4.0, "stride_s": 2.0}
+
+
+def test_unset_windows_come_from_the_version_and_explicit_ones_win():
+    recorded = {"window_s": 2.0, "stride_s": 1.0}
+    assert PrelabelSettings().resolved(recorded).window_s == 2.0
+    assert PrelabelSettings().resolved(recorded).stride_s == 1.0
+    assert (PrelabelSettings().resolved().window_s, PrelabelSettings().resolved().stride_s) == (4.0, 2.0)
+    mine = PrelabelSettings(window_s=6.0).resolved(recorded)
+    assert (mine.window_s, mine.stride_s) == (6.0, 3.0)
+    both = PrelabelSettings(window_s=6.0, stride_s=1.5).resolved(recorded)
+    assert (both.window_s, both.stride_s) == (6.0, 1.5)
+
+
+def test_accumulation_keeps_earlier_corrections_newest_first_and_what_each_video_was_checked_for():
+    first = Snapshot(
+        labels=parse_labels(["jam"]), videos=[corrected("a", [seg("jam", 1, 3)]), corrected("b", [])]
+    ).frozen()
+    second = Snapshot(
+        labels=parse_labels(["jam: the belt stops", "hand"]),
+        videos=[corrected("b", [seg("jam", 4, 8)]), corrected("c", [seg("hand", 2, 3)])],
+    ).frozen()
+    both = accumulate(first, second)
+    by_id = {v.video_id: v for v in both.videos}
+    assert sorted(by_id) == ["a", "b", "c"]
+    assert [s.start_s for s in by_id["b"].segments] == [4.0]  # corrected again: the newest correction
+    assert [x.name for x in both.labels] == ["jam", "hand"] and both.labels[0].description == "the belt stops"
+    assert by_id["a"].labels == ["jam"] and not by_id["a"].checked_for("hand")  # nobody checked it for hands
+    assert by_id["c"].labels is None and by_id["c"].checked_for("hand")
+    assert accumulate(first, second).id == both.id and accumulate(None, second).id == second.id
