@@ -140,8 +140,6 @@ class PrelabelEvents(_PoolOperator):
         labels = _form_labels(ctx)
         field = ctx.params.get("output_field", FIELD_DEFAULT)
         chosen = {name: ctx.params[name] for name, _, _ in FORM_SETTINGS if ctx.params.get(name) is not None}
-        if "high" in chosen:
-            chosen["low"] = min(chosen["high"], default(PrelabelSettings, "low"))
         settings = PrelabelSettings(**chosen)
         paths, ids = _target_samples(ctx)
         ctx.set_progress(progress=0.0, label=f"0/{len(paths)} videos")

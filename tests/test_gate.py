@@ -97,3 +97,40 @@ def test_accumulation_keeps_earlier_corrections_newest_first_and_what_each_video
     assert by_id["a"].labels == ["jam"] and not by_id["a"].checked_for("hand")  # nobody checked it for hands
     assert by_id["c"].labels is None and by_id["c"].checked_for("hand")
     assert accumulate(first, second).id == both.id and accumulate(None, second).id == second.id
+
+
+def test_a_rare_labels_threshold_is_tuned_to_where_its_windows_rank_well():
+    """P(yes) of 'hand' peaks at 0.3 on its windows: at 0.5 it is never detected; the tuned threshold finds
+    it, and 'jam', clear at 0.9, keeps a threshold near the middle."""
+    from workers.events import covered_share, windows
+    from workers.rounds.evaluation import evaluate
+    from workers.rounds.run import tune_thresholds
+    from workers.schemas import PrelabelResult, VideoMeta
+
+    spans = windows(30.0, 2.0, 1.0)
+    gt, results = {}, {}
+    for i in range(4):
+        events = [seg("hand", 5.0 + i, 9.0 + i), seg("jam", 15.0, 21.0 + i)]
+        probs = {
+            "hand": [0.05 + 0.25 * covered_share(events[:1], a, b) for a, b in spans],
+            "jam": [0.05 + 0.9 * covered_share(events[1:], a, b) for a, b in spans],
+        }
+        gt[f"v{i}"] = events
+        results[f"v{i}"] = PrelabelResult(
+            video=f"v{i}",
+            model_version="r",
+            meta=VideoMeta(fps=10.0, n_frames=300, duration=30.0),
+            windows=spans,
+            window_probs=probs,
+        )
+    p = PrelabelSettings().resolved()
+    tuned = tune_thresholds(results, gt, ["hand", "jam"], p)
+    assert tuned["hand"] < 0.3 and 0.2 <= tuned["jam"] <= 0.7
+
+    from workers.jobs import result_segments
+
+    def ap(settings: PrelabelSettings, label: str) -> float:
+        preds = {k: result_segments(r, [label], settings) for k, r in results.items()}
+        return evaluate(preds, gt, thresholds=(0.5,), labels=[label]).map_at(0.5)
+
+    assert ap(p, "hand") == 0.0 and ap(p.model_copy(update={"thresholds": tuned}), "hand") == 1.0

@@ -196,7 +196,9 @@ def test_a_round_without_windows_chooses_them_from_the_corrections_and_its_versi
     info = s.read()["versions"]["round-1"]
     assert info["windows"] == chosen and info["settings"]["prelabel"]["window_s"] == chosen["window_s"]
     model = load_model(s.version_dir("round-1"))
-    assert model.windows == chosen
+    assert {
+        k: model.prelabel_defaults[k] for k in chosen
+    } == chosen and "thresholds" in model.prelabel_defaults
     (result,) = prelabel_videos(
         model, [snapshot.videos[0].video], LABELS, PrelabelSettings(frames_per_window=2)
     )
@@ -217,7 +219,59 @@ def test_round_two_trains_on_round_ones_corrections_too(tmp_path, tiny_spec, sna
     versions = s.read()["versions"]
     frozen = json.loads((s.root / versions["round-2"]["snapshot_path"]).read_text())
     assert {v["video_id"] for v in frozen["videos"]} == {v.video_id for v in snapshot.videos}
+    assert versions["round-2"]["trained_from"] == "base" and versions["round-2"]["parent"] == "round-1"
     settings.accumulate = False
+    settings.train_from = "serving"
     run_round(s, second, settings)
-    alone = json.loads((s.root / s.read()["versions"]["round-3"]["snapshot_path"]).read_text())
-    assert len(alone["videos"]) == 3
+    third = s.read()["versions"]["round-3"]
+    assert len(json.loads((s.root / third["snapshot_path"]).read_text())["videos"]) == 3
+    assert third["trained_from"] == "round-2"
+
+
+def test_a_later_round_keeps_the_served_windows_unless_the_events_call_for_other_ones(
+    tmp_path, tiny_spec, snapshot
+):
+    from workers.rounds.corrections import choose_windows
+
+    s = ModelStore(tmp_path / "store")
+    init_store(s, tiny_spec)
+    settings = quick_settings(steps=2)
+    settings.prelabel = PrelabelSettings(frames_per_window=2, global_frames=4)
+    settings.force = True
+    run_round(s, snapshot, settings)
+    first = s.read()["versions"]["round-1"]["windows"]
+    assert first == choose_windows(snapshot)
+    # events a little longer: the served windows stay
+    longer = snapshot.model_copy(
+        update={
+            "id": "",
+            "videos": [
+                v.model_copy(
+                    update={"segments": [x.model_copy(update={"end_s": x.end_s + 0.3}) for x in v.segments]}
+                )
+                for v in snapshot.videos
+            ],
+        }
+    ).frozen()
+    settings.accumulate = False
+    run_round(s, longer, settings)
+    assert s.read()["versions"]["round-2"]["windows"] == first
+    # events four times as long: new windows
+    stretched = snapshot.model_copy(
+        update={
+            "id": "",
+            "videos": [
+                v.model_copy(
+                    update={
+                        "duration": v.duration * 4,
+                        "segments": [
+                            x.model_copy(update={"start_s": x.start_s * 4, "end_s": x.end_s * 4})
+                            for x in v.segments
+                        ],
+                    }
+                )
+                for v in snapshot.videos
+            ],
+        }
+    ).frozen()
+    assert choose_windows(stretched)["window_s"] >= 1.5 * first["window_s"]

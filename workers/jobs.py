@@ -32,6 +32,7 @@ from workers.schemas import (
     Moment,
     PrelabelResult,
     PrelabelSettings,
+    Segment,
     VideoMeta,
     is_yes_no_question,
 )
@@ -207,7 +208,7 @@ def prelabel_videos(
     video still fails alone. ``progress`` is called with each result as soon as it is ready (for progress
     bars and sinks).
     """
-    s = (settings or PrelabelSettings()).resolved(model.windows)
+    s = (settings or PrelabelSettings()).resolved(model.prelabel_defaults)
     questions = [label.question() for label in labels]
     results: list[PrelabelResult] = []
 
@@ -270,32 +271,40 @@ def _prelabel_result(
     s: PrelabelSettings,
 ) -> PrelabelResult:
     """Windows' probabilities -> per-label segments, as one video's result."""
-    info = decoded.info
-    cores = window_cores(decoded.spans, s.stride_s, info.duration)
-    segments = []
-    for j, label in enumerate(labels):
-        segments += segments_from_probabilities(
-            label.name,
-            cores,
-            probs[:, j],
-            info.fps,
-            info.n_frames,
-            high=s.high,
-            low=s.low,
-            smoothing=s.smoothing,
-            min_duration=s.min_duration_s,
-            centres=[(a + b) / 2 for a, b in decoded.spans] if s.refine_edges else None,
-        )
-    return PrelabelResult(
+    result = PrelabelResult(
         video=str(path),
         model_version=model.version,
-        segments=segments,
-        meta=_meta(info),
+        meta=_meta(decoded.info),
         windows=decoded.spans,
         window_probs={
             label.name: [round(float(p), 5) for p in probs[:, j]] for j, label in enumerate(labels)
         },
     )
+    result.segments = result_segments(result, [label.name for label in labels], s)
+    return result
+
+
+def result_segments(result: PrelabelResult, labels: Sequence[str], s: PrelabelSettings) -> list[Segment]:
+    """A result's segments from its window probabilities under settings ``s`` (resolved): what pre-labeling
+    returns, and what a round uses to try thresholds without scoring the windows again."""
+    meta, spans = result.meta, [tuple(w) for w in result.windows]
+    cores = window_cores(spans, s.stride_s, meta.duration)
+    centres = [(a + b) / 2 for a, b in spans] if s.refine_edges else None
+    segments: list[Segment] = []
+    for label in labels:
+        segments += segments_from_probabilities(
+            label,
+            cores,
+            result.window_probs[label],
+            meta.fps,
+            meta.n_frames,
+            high=s.high_for(label),
+            low=s.low_for(label),
+            smoothing=s.smoothing,
+            min_duration=s.min_duration_s,
+            centres=centres,
+        )
+    return segments
 
 
 def _yes_no_form(question: str) -> str:

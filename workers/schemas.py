@@ -84,6 +84,7 @@ def parse_labels(items: list[str] | list[dict] | list[EventLabel]) -> list[Event
 
 
 FALLBACK_WINDOW_S = 4.0  # windows of a version that recorded none (a base model), every half window
+FALLBACK_HIGH = 0.5  # P(yes) that starts an event, for a label its version set no threshold for
 
 
 class PrelabelSettings(BaseModel):
@@ -98,30 +99,44 @@ class PrelabelSettings(BaseModel):
     stride_s: float | None = Field(None, gt=0)
     frames_per_window: int = Field(4, ge=1, le=64)
     global_frames: int = Field(16, ge=0, le=256)
-    high: float = Field(0.5, ge=0, le=1)
-    low: float = Field(0.4, ge=0, le=1)
+    high: float | None = Field(None, ge=0, le=1)  # None: the version's per-label thresholds, else 0.5
+    low: float | None = Field(None, ge=0, le=1)  # None: 0.1 below the label's high threshold
     smoothing: int = Field(1, ge=1)  # windows fit the events already: no averaging over neighbours
     min_duration_s: float = Field(0.0, ge=0)
     window_batch: int = Field(32, ge=1)
     refine_edges: bool = True
+    thresholds: dict[str, float] = Field(default_factory=dict)  # per label, in place of ``high``
 
     @model_validator(mode="after")
     def _thresholds(self):
-        if self.low > self.high:
+        if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"low threshold {self.low} is above high threshold {self.high}")
         return self
 
+    def high_for(self, label: str) -> float:
+        """P(yes) that starts an event of ``label``: its own threshold, else ``high``, else 0.5."""
+        return self.thresholds.get(label, self.high if self.high is not None else FALLBACK_HIGH)
+
+    def low_for(self, label: str) -> float:
+        """P(yes) that keeps an event of ``label`` going (never above its high threshold)."""
+        high = self.high_for(label)
+        return min(self.low, high) if self.low is not None else max(0.0, high - 0.1)
+
     def resolved(self, recorded: dict | None = None) -> PrelabelSettings:
-        """These settings with concrete windows: the explicit ones, else ``recorded`` (a version's
-        ``{"window_s", "stride_s"}``), else 4 s; an unset stride is the recorded one with the recorded
-        window, else half the window."""
+        """These settings made concrete with what a version recorded (``{"window_s", "stride_s",
+        "thresholds"}``): explicit windows, else the recorded ones, else 4 s (an unset stride is the recorded
+        one with the recorded window, else half the window); with ``high`` unset, the recorded per-label
+        thresholds (a label without one: 0.5)."""
         recorded = recorded or {}
         window = self.window_s or recorded.get("window_s") or FALLBACK_WINDOW_S
         stride = self.stride_s
         if stride is None:
             same = self.window_s is None or self.window_s == recorded.get("window_s")
             stride = recorded.get("stride_s") if same and recorded.get("stride_s") else window / 2
-        return self.model_copy(update={"window_s": float(window), "stride_s": float(stride)})
+        update = {"window_s": float(window), "stride_s": float(stride)}
+        if self.high is None and not self.thresholds and recorded.get("thresholds"):
+            update["thresholds"] = dict(recorded["thresholds"])
+        return self.model_copy(update=update)
 
 
 class AskSettings(BaseModel):
@@ -286,6 +301,10 @@ class RoundSettings(BaseModel):
     resamples: int = Field(500, ge=10)
     label_drop: float = Field(0.15, ge=0, le=1)  # a label whose AP@0.5 falls by more blocks promotion
     accumulate: bool = True  # train on every earlier round's corrections too
+    # "base": each round trains fresh adapters on the base model over all its corrections (stable: a round
+    # never inherits a drifted adapter); "serving": it continues the served version's adapters
+    train_from: Literal["base", "serving"] = "base"
+    tune_thresholds: bool = True  # each label's P(yes) threshold chosen on the validation videos
     yes_overlap: float = Field(
         0.5, ge=0, le=1
     )  # a window is a 'yes' for a label when events cover this share

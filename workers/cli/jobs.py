@@ -22,10 +22,10 @@ def cmd_prelabel(args) -> int:
         "stride_s": args.stride,
         "frames_per_window": args.frames,
         "high": args.high,
-        "low": args.low if args.low is not None else min(args.high, default(PrelabelSettings, "low")),
+        "low": args.low,
         "smoothing": args.smoothing,
     }
-    settings = PrelabelSettings(**chosen)
+    settings = PrelabelSettings(**{k: v for k, v in chosen.items() if v is not None})
     if current().broker_url:
         from workers.pool import client
 
@@ -155,12 +155,18 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--stride", type=float, default=None, help="window stride, seconds (default: as --window)")
     p.add_argument("--frames", type=int, default=pre["frames_per_window"].default, help="frames per window")
-    p.add_argument("--high", type=float, default=pre["high"].default, help="P(yes) that starts an event")
+    p.add_argument(
+        "--high",
+        type=float,
+        default=None,
+        help="P(yes) that starts an event (default: each label's threshold the model version's round chose, "
+        "else 0.5)",
+    )
     p.add_argument(
         "--low",
         type=float,
         default=None,
-        help=f"P(yes) that keeps an event going (default {pre['low'].default})",
+        help="P(yes) that keeps an event going (default 0.1 below --high)",
     )
     p.add_argument("--smoothing", type=int, default=pre["smoothing"].default, help="moving average, windows")
     add_model_args(p)

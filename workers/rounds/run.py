@@ -6,8 +6,9 @@
               serving version's when they are within 1.5x of it), recorded in the version: pre-labeling
               with it uses them by default
     split     train / validation by a hash of each video id (stable across rounds)
-    train     window-level yes/no examples from overlap with the corrected segments, balanced;
-              LoRA + projector + global-local MLP + MVM head, masking + MVM on by default, seeded, resumable
+    train     window-level yes/no examples from overlap with the corrected segments, label-balanced and in
+              pairs; fresh LoRA + projector + global-local MLP + MVM head on the base model (or the served
+              version's, ``train_from="serving"``), masking + MVM on by default, seeded, resumable
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
               interval of the mAP@0.5 gain, and no label lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
@@ -24,14 +25,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from workers.events import covered_share, windows
-from workers.jobs import decode_side, decode_windows, prelabel_videos
+from workers.jobs import decode_side, decode_windows, prelabel_videos, result_segments
 from workers.rounds.corrections import accumulate, choose_windows, load_snapshot, save_snapshot, split_ids
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import bootstrap_gain, decide
 from workers.rounds.registry import ModelStore, RegistryError
 from workers.schemas import (
     FiftyOneCorrections,
+    PrelabelResult,
     PrelabelSettings,
     RoundRequest,
     RoundSettings,
@@ -95,17 +99,41 @@ def window_examples(
 
 def _predict(
     model, snapshot: Snapshot, video_ids: list[str], prelabel: PrelabelSettings
-) -> dict[str, list[Segment]]:
-    """Each validation video's predicted segments (for the labels it was checked for), keyed by video id."""
+) -> dict[str, PrelabelResult]:
+    """Each validation video's pre-labels (segments only for the labels it was checked for), by video id."""
     by_id = {v.video_id: v for v in snapshot.videos}
     results = prelabel_videos(model, [by_id[i].video for i in video_ids], snapshot.labels, prelabel)
     failed = [r.error for r in results if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} validation videos failed: {failed[:3]}")
-    return {
-        i: [x for x in r.segments if by_id[i].checked_for(x.label)]
-        for i, r in zip(video_ids, results, strict=True)
-    }
+    for i, r in zip(video_ids, results, strict=True):
+        r.segments = [x for x in r.segments if by_id[i].checked_for(x.label)]
+    return dict(zip(video_ids, results, strict=True))
+
+
+THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.1, 0.91, 0.05))
+
+
+def tune_thresholds(
+    results: dict[str, PrelabelResult], gt: dict[str, list[Segment]], labels: list[str], p: PrelabelSettings
+) -> dict[str, float]:
+    """Per label, the P(yes) threshold that gives the best AP (mean over tIoU 0.3-0.7, so edges count) on
+    these (validation) videos, trying 0.10-0.90 on the window probabilities already scored; ties go to the
+    threshold nearest 0.5. Balanced
+    training leaves a rare label's probabilities lower than a common one's: one threshold for all labels
+    would miss the rare ones even where their windows rank well."""
+    out = {}
+    for label in labels:
+        if not any(g.label == label for segs in gt.values() for g in segs):
+            continue  # nothing to tune on: the default stays
+        best = (-1.0, 0.0, 0.5)
+        for t in THRESHOLDS:
+            trial = p.model_copy(update={"thresholds": {label: t}, "high": None, "low": None})
+            preds = {i: result_segments(r, [label], trial) for i, r in results.items()}
+            ap = evaluate(preds, gt, labels=[label]).mean_ap
+            best = max(best, (ap, -abs(t - 0.5), t))
+        out[label] = best[2]
+    return out
 
 
 def serving_windows(store: ModelStore, name: str) -> dict[str, float]:
@@ -132,7 +160,7 @@ def run_round(
 ) -> RoundResult:
     """Run one round end to end (see the module docstring). Raises :class:`RoundRunning` when another
     round holds the store; any other failure leaves the registry unchanged and removes the candidate."""
-    from workers.stllm.io import load_model, save_model
+    from workers.stllm.io import load_model, save_model, set_prelabel_defaults
 
     s = settings or RoundSettings()
     report = progress or (lambda stage, info: None)
@@ -178,7 +206,8 @@ def run_round(
                 },
             )
 
-            model = load_model(serving_dir, device=s.device, dtype=s.dtype, trainable=True)
+            start = store.version_dir("base") if s.train_from == "base" else serving_dir
+            model = load_model(start, device=s.device, dtype=s.dtype, trainable=True)
             by_id = {v.video_id: v for v in snapshot.videos}
             feats, index, skipped = [], {}, {}
             for i in train_ids:
@@ -219,15 +248,26 @@ def run_round(
             t = time.perf_counter()
             if candidate_dir.exists():
                 shutil.rmtree(candidate_dir)  # leftovers of a failed attempt at this round
-            model.windows = {"window_s": p.window_s, "stride_s": p.stride_s}
+            defaults = {"window_s": p.window_s, "stride_s": p.stride_s}
+            model.prelabel_defaults = defaults
             save_model(model, candidate_dir, version=name)
             candidate = load_model(candidate_dir, device=s.device, dtype=s.dtype)
             labels = [label.name for label in snapshot.labels]
             gt = {i: by_id[i].segments for i in val_ids}
-            cand_preds = _predict(candidate, snapshot, val_ids, p)
+            cand_results = _predict(candidate, snapshot, val_ids, p)
             del candidate
+            if s.tune_thresholds and asked.high is None and not asked.thresholds:
+                defaults["thresholds"] = tune_thresholds(cand_results, gt, labels, p)
+                set_prelabel_defaults(candidate_dir, defaults)
+                p = p.resolved(defaults)
+            cand_preds = {
+                i: [x for x in result_segments(r, labels, p) if by_id[i].checked_for(x.label)]
+                for i, r in cand_results.items()
+            }
             serving_model = load_model(serving_dir, device=s.device, dtype=s.dtype)
-            serve_preds = _predict(serving_model, snapshot, val_ids, asked)
+            serve_preds = {
+                i: r.segments for i, r in _predict(serving_model, snapshot, val_ids, asked).items()
+            }
             del serving_model
             cand_metrics = evaluate(cand_preds, gt, labels=labels).to_dict()
             serve_metrics = evaluate(serve_preds, gt, labels=labels).to_dict()
@@ -253,11 +293,13 @@ def run_round(
                 {
                     "path": str(candidate_dir.relative_to(store.root)),
                     "parent": serving_name,
+                    "trained_from": "base" if s.train_from == "base" else serving_name,
                     "base_model": store.read()["base"],
                     "snapshot": snapshot.id,
                     "snapshot_path": str(snap_path.relative_to(store.root)),
                     "settings": s.model_dump(),
-                    "windows": model.windows,
+                    "windows": {k: defaults[k] for k in ("window_s", "stride_s")},
+                    "prelabel_defaults": defaults,
                     "skipped": skipped,
                     "metrics": {"validation": cand_metrics, "parent_validation": serve_metrics},
                     "gate": gate.to_dict(),

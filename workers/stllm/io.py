@@ -2,7 +2,7 @@
 
 A model directory holds:
     stllm.json               backbone spec (the base reference), method config, version, the windows
-                             its round chose
+                             and per-label thresholds its round chose
     trainable.safetensors    the non-LoRA trainable parts (projector/connector, global-local MLP, MVM head)
     adapter/                 the LoRA adapter in peft's format (absent for a base model)
 """
@@ -94,7 +94,7 @@ def save_model(model: STLLM, directory: str | os.PathLike, version: str | None =
         "backbone": model.backbone.spec,
         "config": dataclasses.asdict(model.config),
         "version": version or model.version,
-        "windows": model.windows,
+        "prelabel_defaults": model.prelabel_defaults,
     }
     (tmp / MODEL_FILE).write_text(json.dumps(meta, indent=2))
     state = {
@@ -109,6 +109,17 @@ def save_model(model: STLLM, directory: str | os.PathLike, version: str | None =
         raise FileExistsError(f"model directory {directory} already exists")
     tmp.rename(directory)
     return directory
+
+
+def set_prelabel_defaults(directory: str | os.PathLike, defaults: dict) -> None:
+    """Record in a saved model directory what pre-labeling with it uses by default (windows, per-label
+    thresholds), written atomically."""
+    path = Path(directory) / MODEL_FILE
+    meta = json.loads(path.read_text())
+    meta["prelabel_defaults"] = defaults
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -141,6 +152,6 @@ def load_model(
         model.load_lora(str(directory / "adapter"), trainable=trainable)
     model.to(model.device)
     model.version = meta.get("version", "base")
-    model.windows = meta.get("windows") or {}
+    model.prelabel_defaults = meta.get("prelabel_defaults") or {}
     model.eval()
     return model

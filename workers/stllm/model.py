@@ -63,7 +63,8 @@ class STLLM(nn.Module):
         self.lm = backbone.decoder  # replaced by a peft model when LoRA is attached
         self.compute_dtype = torch.float32
         self.version = "base"
-        self.windows: dict[str, float] = {}  # the windows its round chose ({"window_s", "stride_s"}), saved
+        # what its round chose for pre-labeling with it: {"window_s", "stride_s", "thresholds": {label: P}}
+        self.prelabel_defaults: dict = {}
         head, tail = backbone.prompt_parts()
         self.prompt_head, self.prompt_mid, self.prompt_tail = head, backbone.prompt_mid, tail
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.events import covered_share, segments_from_probabilities, window_cores
-from workers.jobs import prelabel_videos
+from workers.events import covered_share
+from workers.jobs import prelabel_videos, result_segments
 from workers.rounds.corrections import snapshot_from_ground_truth
 from workers.rounds.evaluation import EvaluationReport, evaluate, window_auc
 from workers.rounds.registry import ModelStore
@@ -40,14 +40,8 @@ def baseline_segments(
         return [
             Segment.from_seconds(label, 0.0, meta.duration, meta.fps, meta.n_frames, 1.0) for label in EVENTS
         ]
-    cores = window_cores([tuple(w) for w in result.windows], settings.stride_s, meta.duration)
-    out: list[Segment] = []
-    for label in EVENTS:
-        probs = rng.uniform(0, 1, len(cores))
-        out += segments_from_probabilities(
-            label, cores, probs, meta.fps, meta.n_frames, settings.high, settings.low, settings.smoothing
-        )
-    return out
+    drawn = {label: list(rng.uniform(0, 1, len(result.windows))) for label in EVENTS}
+    return result_segments(result.model_copy(update={"window_probs": drawn}), EVENTS, settings)
 
 
 def _say(msg: str) -> None:
@@ -70,24 +64,11 @@ def _coverage_segments(
 ) -> list[Segment]:
     """The ceiling of a version's windows: segments from perfect window probabilities (the share of each
     window the ground truth covers), through the same thresholds, merging and edge refinement."""
-    meta, spans = result.meta, [tuple(w) for w in result.windows]
-    cores = window_cores(spans, settings.stride_s, meta.duration)
-    centres = [(a + b) / 2 for a, b in spans] if settings.refine_edges else None
-    out: list[Segment] = []
-    for label in EVENTS:
-        probs = np.array([covered_share([g for g in gt if g.label == label], a, b) for a, b in spans])
-        out += segments_from_probabilities(
-            label,
-            cores,
-            probs,
-            meta.fps,
-            meta.n_frames,
-            settings.high,
-            settings.low,
-            settings.smoothing,
-            centres=centres,
-        )
-    return out
+    perfect = {
+        label: [covered_share([g for g in gt if g.label == label], a, b) for a, b in result.windows]
+        for label in EVENTS
+    }
+    return result_segments(result.model_copy(update={"window_probs": perfect}), EVENTS, settings)
 
 
 def _aucs(results: list[PrelabelResult], gt: dict) -> dict[str, float | None]:
@@ -102,21 +83,7 @@ def _aucs(results: list[PrelabelResult], gt: dict) -> dict[str, float | None]:
 
 def _unrefined(result: PrelabelResult, settings: PrelabelSettings) -> list[Segment]:
     """The same window probabilities as ``result``, merged with edges at the windows' bounds."""
-    meta, spans = result.meta, [tuple(w) for w in result.windows]
-    cores = window_cores(spans, settings.stride_s, meta.duration)
-    out: list[Segment] = []
-    for label in EVENTS:
-        out += segments_from_probabilities(
-            label,
-            cores,
-            result.window_probs[label],
-            meta.fps,
-            meta.n_frames,
-            settings.high,
-            settings.low,
-            settings.smoothing,
-        )
-    return out
+    return result_segments(result, EVENTS, settings.model_copy(update={"refine_edges": False}))
 
 
 def _plot(rows: dict[str, EvaluationReport], path: Path) -> None:
@@ -210,12 +177,13 @@ def run_demo(
                 "promoted": result.promoted,
                 "reason": result.reason,
                 "windows": record["windows"],
+                "thresholds": record["prelabel_defaults"].get("thresholds", {}),
                 "gate": record["gate"],
                 "timings": result.timings,
             }
         )
         _say(f"      {result.reason} -> {'promoted' if result.promoted else 'not promoted'}")
-        version_pre = pre.resolved(record["windows"])
+        version_pre = pre.resolved(record["prelabel_defaults"])
         rows[result.version], results = _evaluate_version(
             load_model(store.version_dir(result.version), dtype="auto"), videos, gt, pre, labels
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -198,25 +198,30 @@ def ground_truth(spec: LineVideoSpec, plan) -> list[Segment]:
     return segs
 
 
+def write_mp4(path: str | Path, fps: float, width: int, height: int, frames: Iterable[np.ndarray]) -> None:
+    """Encode RGB frames (H, W, 3 uint8) as an h264 mp4 at ``path`` (its folder created)."""
+    from fractions import Fraction
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "23", "g": str(max(1, int(fps * 2)))}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
 def write_line_video(path: str | Path, spec: LineVideoSpec) -> list[Segment]:
     """Write one h264 mp4 line video to ``path``; return its ground-truth segments."""
     rng = np.random.default_rng(spec.seed)
     plan = _plan(spec, rng)
     n = int(round(spec.duration * spec.fps))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        from fractions import Fraction
-
-        stream = out.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "23", "g": str(max(1, int(spec.fps * 2)))}
-        for k in range(n):
-            frame = av.VideoFrame.from_ndarray(render_frame(spec, plan, k / spec.fps), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    frames = (render_frame(spec, plan, k / spec.fps) for k in range(n))
+    write_mp4(path, spec.fps, spec.width, spec.height, frames)
     return ground_truth(spec, plan)
 
 
@@ -243,21 +248,28 @@ def generate_dataset(
         d = float(rng.uniform(*duration)) if isinstance(duration, tuple) else float(duration)
         spec = LineVideoSpec(seed=seed + i, duration=round(d, 1), fps=fps, width=width, height=height)
         path = directory / f"line_{seed + i:05d}.mp4"
-        segs = write_line_video(path, spec)
-        records.append(
-            {
-                "video": str(path),
-                **asdict(spec),
-                "n_frames": int(round(spec.duration * spec.fps)),
-                "segments": [s.model_dump() for s in segs],
-            }
-        )
+        records.append(video_record(path, spec, write_line_video(path, spec)))
         if progress:
             progress(records[-1])
+    save_ground_truth(directory, records)
+    return records
+
+
+def video_record(path: Path, spec, segments: list[Segment]) -> dict:
+    """One generated video's line of ``ground_truth.jsonl``: its path, its spec (a dataclass with
+    ``duration`` and ``fps``), its frame count and its segments."""
+    return {
+        "video": str(path),
+        **asdict(spec),
+        "n_frames": int(round(spec.duration * spec.fps)),
+        "segments": [s.model_dump() for s in segments],
+    }
+
+
+def save_ground_truth(directory: Path, records: list[dict]) -> None:
     with open(directory / "ground_truth.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    return records
 
 
 def load_ground_truth(path: str | Path) -> list[dict]:

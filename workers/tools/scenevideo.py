@@ -16,9 +16,8 @@ Everything follows from ``seed``.
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import av
 import numpy as np
 
 from workers.schemas import Segment
+from workers.tools.linevideo import save_ground_truth, video_record, write_mp4
 
 SCENE_EVENTS = ("lamp", "blackout", "freeze", "crossing")
 SCENE_DESCRIPTIONS = {
@@ -118,25 +118,13 @@ def render_frame(spec: SceneVideoSpec, plan: dict, t: float, clip: np.ndarray, c
 
 def write_scene_video(path: str | Path, spec: SceneVideoSpec) -> list[Segment]:
     """Write one h264 mp4 to ``path``; return its ground-truth segments."""
-    from fractions import Fraction
-
     rng = np.random.default_rng(spec.seed)
     plan = _events(spec, rng)
     corner = int(rng.integers(0, 4))
     clip = _clip_frames(spec.clip, spec.width, spec.height)
     n = int(round(spec.duration * spec.fps))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "23", "g": str(max(1, int(spec.fps * 2)))}
-        for k in range(n):
-            image = render_frame(spec, plan, k / spec.fps, clip, corner)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    frames = (render_frame(spec, plan, k / spec.fps, clip, corner) for k in range(n))
+    write_mp4(path, spec.fps, spec.width, spec.height, frames)
     return [Segment.from_seconds(label, a, b, spec.fps, n) for label in SCENE_EVENTS for a, b in plan[label]]
 
 
@@ -164,18 +152,8 @@ def generate_scene_dataset(
             clip=CLIPS[int(rng.integers(0, len(CLIPS)))],
         )
         path = directory / f"scene_{seed:03d}_{i:03d}.mp4"
-        segs = write_scene_video(path, spec)
-        records.append(
-            {
-                "video": str(path),
-                **asdict(spec),
-                "n_frames": int(round(spec.duration * spec.fps)),
-                "segments": [s.model_dump() for s in segs],
-            }
-        )
+        records.append(video_record(path, spec, write_scene_video(path, spec)))
         if progress:
             progress(records[-1])
-    with open(directory / "ground_truth.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    save_ground_truth(directory, records)
     return records
