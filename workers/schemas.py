@@ -105,7 +105,9 @@ class PrelabelSettings(BaseModel):
     min_duration_s: float = Field(0.0, ge=0)
     window_batch: int = Field(32, ge=1)
     refine_edges: bool = True
-    thresholds: dict[str, float] = Field(default_factory=dict)  # per label, in place of ``high``
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict
+    )  # per label: ``high``
 
     @model_validator(mode="after")
     def _thresholds(self):

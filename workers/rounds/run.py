@@ -119,9 +119,8 @@ def tune_thresholds(
 ) -> dict[str, float]:
     """Per label, the P(yes) threshold that gives the best AP (mean over tIoU 0.3-0.7, so edges count) on
     these (validation) videos, trying 0.10-0.90 on the window probabilities already scored; ties go to the
-    threshold nearest 0.5. Balanced
-    training leaves a rare label's probabilities lower than a common one's: one threshold for all labels
-    would miss the rare ones even where their windows rank well."""
+    threshold nearest 0.5. Balanced training leaves a rare label's probabilities lower than a common
+    one's: one threshold for all labels would miss the rare ones even where their windows rank well."""
     out = {}
     for label in labels:
         if not any(g.label == label for segs in gt.values() for g in segs):
