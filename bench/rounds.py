@@ -52,8 +52,8 @@ def main() -> None:
     )
     chosen = [s for s in SETTINGS if not args.only or s[0] in args.only]
     table: dict[str, list[tuple[float, dict, dict]]] = {}
-    for name, masking, mvm in chosen:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed, so that a run cut short still compares every setting
+        for name, masking, mvm in chosen:
             store = ModelStore(work / f"{name.replace(' ', '_').replace('+', '_')}-{seed}")
             init_store(store, "builtin")
             train = TrainSettings(steps=args.steps, masking=masking, mvm=mvm, seed=seed)
