@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from workers.stllm.backbones.instructblip import JOB_INSTRUCTION
 from workers.stllm.convert import ConversionError, convert_stllm, load_checkpoint
 from workers.stllm.io import load_model
 from workers.stllm.testing import tiny_stllm_release
@@ -53,7 +54,19 @@ def test_release_converts_and_matches_a_direct_forward(release, converted):
             encoder_hidden_states=direct,
             encoder_attention_mask=torch.ones(direct.shape[:2], dtype=torch.long),
         ).last_hidden_state[:, :4]
-        assert torch.allclose(bb.project(features), hf.language_projection(queries), atol=1e-5)
+        assert torch.allclose(bb.project(features, ""), hf.language_projection(queries), atol=1e-5)
+        # jobs: the Q-Former reads the fixed instruction recorded in the spec, as the original reads text
+        assert bb.spec["qformer_text"] == JOB_INSTRUCTION == bb.instruction
+        text = bb.qformer_tokenizer([JOB_INSTRUCTION] * 6, return_tensors="pt")
+        with_text = hf.qformer(
+            text.input_ids,
+            attention_mask=torch.cat([torch.ones(6, 4, dtype=torch.long), text.attention_mask], 1),
+            query_embeds=hf.query_tokens.expand(6, -1, -1),
+            encoder_hidden_states=direct,
+            encoder_attention_mask=torch.ones(direct.shape[:2], dtype=torch.long),
+        ).last_hidden_state[:, :4]
+        assert torch.allclose(bb.project(features), hf.language_projection(with_text), atol=1e-5)
+        assert not torch.allclose(with_text, queries, atol=1e-3)
         embeds = torch.randn(2, 9, 64)
         ours = bb.lm_head(model.lm(inputs_embeds=embeds).last_hidden_state)
         assert torch.allclose(ours, hf.language_model(inputs_embeds=embeds).logits, atol=1e-5)
@@ -68,7 +81,7 @@ def test_a_single_file_checkpoint_loads_every_key(release, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     torch.save(load_checkpoint(src), single / "pytorch_model.bin")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
         if (src / name).exists():
             (single / name).write_bytes((src / name).read_bytes())
     out = convert_stllm(single, tmp_path / "out", mods["qformer_tokenizer"])
@@ -95,7 +108,7 @@ def _rewrite(src, dst, edit) -> None:
     edit(state)
     torch.save(state, dst / "pytorch_model.bin")
     for f in src.iterdir():
-        if f.suffix == ".json" and "index" not in f.name:
+        if f.suffix in (".json", ".model") and "index" not in f.name:
             (dst / f.name).write_bytes(f.read_bytes())
 
 
@@ -233,3 +246,125 @@ def test_converted_model_trains_under_the_stllm_method(converted, tmp_path):
     store = ModelStore(tmp_path / "store")
     init_store(store, str(converted))
     assert load_model(store.serving()[1], device="cpu", dtype="fp32").backbone.adapter is not None
+
+
+def test_the_temporal_adapter_sees_one_clip_at_a_time(converted):
+    """Each window's frames are one clip, the global frames others of at most 16: a window's features never
+    depend on its neighbours' frames, and the adapter never sees more frames than the QA model trained on."""
+    model = load_model(converted, device="cpu", dtype="fp32")
+    bb = model.backbone
+    assert bb.clip_frames == 16
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 255, (20, 28, 28, 3), dtype=torch.uint8, generator=gen)
+    windows = torch.tensor([[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7]])
+    every = torch.arange(20)
+    f = model.window_features(frames, windows, every)
+    assert f.windows.shape[:2] == (3, 4) and f.global_frames.shape[0] == 20
+    from workers.stllm.video import preprocess_frames
+
+    def alone(idx):
+        pixels = preprocess_frames(frames[idx], bb.image_size, bb.image_mean, bb.image_std)
+        with torch.no_grad():
+            return bb.vision_features(pixels, clip=len(idx))
+
+    assert torch.allclose(f.windows[1], alone(windows[1]), atol=1e-5)
+    changed = frames.clone()
+    changed[[0, 1, 6, 7]] = 255 - changed[[0, 1, 6, 7]]  # the frames only the neighbours hold
+    g = model.window_features(changed, windows, every)
+    assert torch.allclose(g.windows[1], f.windows[1], atol=1e-6)
+    assert not torch.allclose(g.windows[0], f.windows[0], atol=1e-3)  # the neighbours did change
+    # the global frames: clips of 16, then the remaining 4, each on its own
+    assert torch.allclose(f.global_frames[:16], alone(every[:16]), atol=1e-5)
+    assert torch.allclose(f.global_frames[16:], alone(every[16:]), atol=1e-5)
+    # and the windows' frames are not features of the global clip (the old chunk of 64 mixed them)
+    assert not torch.allclose(f.windows[0], f.global_frames[:4], atol=1e-3)
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training(converted):
+    """model.train() leaves the vision tower, the temporal adapter and the Q-Former (dropout 0.1) in eval mode,
+    as the original pins them; the LM with its LoRA trains."""
+    from workers.stllm.model import IGNORE
+
+    model = load_model(converted, device="cpu", dtype="fp32")
+    model.attach_lora()
+    model.train()
+    bb = model.backbone
+    seen: dict[str, bool] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, _a, name=name: seen.__setitem__(name, mod.training))
+        for part in bb.frozen_modules()
+        for name, m in part.named_modules()
+    ]
+    assert {type(p).__name__ for p in bb.frozen_modules()} >= {"TemporalAdapter"}
+    features = model.vision_features(torch.randn(4, 3, 28, 28), clip=4)
+    video = model.video_tokens(features[None], features[None])
+    prompt, answer = model.question_ids("Is it?"), model.text_ids("yes")
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[IGNORE] * len(prompt) + answer])
+    model.training_loss(video, ids, labels, torch.ones_like(ids))["loss"].backward()
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen.values()), [n for n, t in seen.items() if t]
+    assert model.lm.training and bb.projector.training
+
+
+def test_the_global_part_is_the_mean_of_projected_tokens(converted):
+    """As the original: the Q-Former + projection runs on every global frame, then the mean; for a Q-Former that
+    differs from projecting the mean feature."""
+    model = load_model(converted, device="cpu", dtype="fp32")
+    bb = model.backbone
+    feats = bb.vision_features(torch.randn(6, 3, 28, 28)).detach()
+    with torch.no_grad():
+        video = model.video_tokens(feats[:2][None], feats[None])
+        local = bb.project(feats[:2])[None]
+        mean_of_projected = bb.project(feats).mean(0, keepdim=True)
+        assert torch.allclose(video, model.fusion(local, mean_of_projected).flatten(1, 2), atol=1e-5)
+        projected_mean = bb.project(feats.mean(0, keepdim=True))
+        assert not torch.allclose(video, model.fusion(local, projected_mean).flatten(1, 2), atol=1e-4)
+
+
+def test_rotary_buffers_of_an_old_release_are_dropped_and_checked(release, tmp_path):
+    """A release saved with transformers 4.28 carries model.layers.*.self_attn.rotary_emb.inv_freq: set aside
+    (they are no parameter today) after checking them against rope_theta, not refused."""
+    src, mods = release
+    head_dim = 64 // 4
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+    def add(state, value=inv_freq):
+        for i in range(2):
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = value.clone()
+
+    _rewrite(src, tmp_path / "old", add)
+    out = convert_stllm(tmp_path / "old", tmp_path / "o1", mods["qformer_tokenizer"])
+    assert torch.equal(
+        load_model(out, device="cpu", dtype="fp32").backbone.projector.weight,
+        mods["hf"].language_projection.weight,
+    )
+    _rewrite(src, tmp_path / "odd", lambda s: add(s, inv_freq * 2))
+    with pytest.raises(ConversionError, match="rotary inv_freq buffers differ"):
+        convert_stllm(tmp_path / "odd", tmp_path / "o2", mods["qformer_tokenizer"])
+
+
+def test_the_tokenizer_splits_text_as_the_original_slow_legacy_tokenizer(release, converted):
+    """The release's config.json says model_type st_llm_hf; the Llama tokenizer is read by class, legacy: every
+    piece of text after a special token is encoded by SentencePiece on its own, with its dummy prefix, as the
+    original's slow LlamaTokenizer did (``</s>###`` -> ``</s>``, ``▁###``; a non-legacy tokenizer gives ``###``)."""
+    import sentencepiece as spm
+
+    _, mods = release
+    sp = spm.SentencePieceProcessor(model_file=mods["sentencepiece"])
+
+    def original(text: str) -> list[int]:
+        ids: list[int] = []
+        for i, piece in enumerate(text.split("</s>")):
+            ids += ([sp.eos_id()] if i else []) + (sp.encode(piece) if piece else [])
+        return ids
+
+    model = load_model(converted, device="cpu", dtype="fp32")
+    for text in (
+        "</s>###Human: ",
+        "</s>###Human: Is the line jammed? ###Assistant: yes",
+        "Carefully watch the video.###Human: <Video></s>###Human: Question: Which event happens first?",
+    ):
+        assert model.text_ids(text) == original(text), text
+    assert sp.id_to_piece(model.text_ids("</s>###Human: ")[1]).startswith("▁")  # the dummy prefix after </s>

@@ -36,7 +36,7 @@ from workers.schemas import (
     VideoMeta,
     is_yes_no_question,
 )
-from workers.stllm.model import STLLM
+from workers.stllm.model import STLLM, WindowFeatures
 from workers.stllm.video import VideoError, VideoInfo, probe, read_frames, segment_times
 from workers.timecodes import seconds_to_frames
 
@@ -149,11 +149,16 @@ def window_probabilities(
     decoded: DecodedVideo,
     questions: Sequence[str],
     batch: int,
-    features: torch.Tensor | None = None,
+    features: WindowFeatures | None = None,
 ) -> np.ndarray:
     """P(yes) of each question in each window: (W, Q). Yes/no are normalised against each other.
-    ``features``: the frames' encoder features where the caller has them already (not encoded again)."""
+    ``features``: the video's encoder features where the caller has them already (not encoded again)."""
     return window_probabilities_many(model, [decoded], questions, batch, [features])[0]
+
+
+def encode_video(model: STLLM, decoded: DecodedVideo) -> WindowFeatures:
+    """The encoder features of a decoded video's windows and global frames."""
+    return model.window_features(decoded.frames, decoded.window_index, decoded.global_index)
 
 
 @torch.inference_mode()
@@ -162,22 +167,22 @@ def window_probabilities_many(
     decoded: Sequence[DecodedVideo],
     questions: Sequence[str],
     batch: int,
-    features: Sequence[torch.Tensor | None] | None = None,
+    features: Sequence[WindowFeatures | None] | None = None,
 ) -> list[np.ndarray]:
     """:func:`window_probabilities` for several videos, their windows scored together: the LLM sees batches
     of ``batch`` windows across video boundaries, so short videos still fill a GPU's batch. One (W, Q) array
     per video, in order."""
     features = list(features) if features is not None else [None] * len(decoded)
     features = [
-        f if f is not None else model.frame_features(d.frames) for d, f in zip(decoded, features, strict=True)
+        f if f is not None else encode_video(model, d) for d, f in zip(decoded, features, strict=True)
     ]
     tokens = []
-    for d, f in zip(decoded, features, strict=True):  # f: (N, K, Dv)
-        g = f[d.global_index].unsqueeze(0) if len(d.global_index) else None
-        for i in range(0, len(d.window_index), batch):
-            idx = d.window_index[i : i + batch]  # (b, F)
+    for f in features:
+        g = f.global_frames.unsqueeze(0) if len(f.global_frames) else None
+        for i in range(0, len(f.windows), batch):
+            local = f.windows[i : i + batch]  # (b, F, K, Dv)
             tokens.append(
-                model.video_tokens(f[idx], g.expand(len(idx), -1, -1, -1) if g is not None else None)
+                model.video_tokens(local, g.expand(len(local), -1, -1, -1) if g is not None else None)
             )
     if len({t.shape[1:] for t in tokens}) > 1:  # videos with different token counts: score each on its own
         return [
@@ -343,8 +348,8 @@ def ask_videos(
             if isinstance(decoded, Exception):
                 raise decoded
             info = decoded.info
-            features = model.frame_features(decoded.frames)
-            all_frames = features[decoded.global_index]  # (G, K, Dv), uniform over the video
+            features = encode_video(model, decoded)
+            all_frames = features.global_frames  # (G, K, Dv), uniform over the video
             g = len(all_frames)
             seg = g / s.frames
             local_idx = [min(g - 1, int(seg / 2 + round(seg * i))) for i in range(s.frames)]  # ST-LLM's pick

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.events import covered_share, windows
-from workers.jobs import decode_side, decode_windows, prelabel_videos, result_segments
+from workers.jobs import decode_side, decode_windows, encode_video, prelabel_videos, result_segments
 from workers.rounds.corrections import accumulate, choose_windows, load_snapshot, save_snapshot, split_ids
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import bootstrap_gain, decide
@@ -43,7 +43,7 @@ from workers.schemas import (
     Snapshot,
     SnapshotCorrections,
 )
-from workers.stllm.train import Example, TrainOptions, VideoFeatures, train
+from workers.stllm.train import Example, TrainOptions, train
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def run_round(
                     skipped[i] = f"{by_id[i].video}: {e}"
                     continue
                 index[i] = len(feats)
-                feats.append(VideoFeatures(model.frame_features(d.frames), d.window_index, d.global_index))
+                feats.append(encode_video(model, d))
                 report("features", {"video": len(index) + len(skipped), "of": len(train_ids)})
             if not feats:
                 raise ValueError(f"no training video could be read: {list(skipped.values())[:3]}")

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
 PREFIX = "model.stllm_model."
 VIT_HEAD_DIM, QFORMER_HEAD_DIM = 88, 64
 
@@ -122,12 +124,21 @@ def _adapter_rename(rest: str) -> str | None:
     return f"{'spatial' if kind == 'S' else 'temporal'}.{i}.{tail}"
 
 
-def split_release(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict, list[str]]:
+ROTARY_BUFFER = re.compile(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq")
+
+
+def split_release(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dict, dict, list[str]]:
     """(InstructBlipVideo state, adapter state, ST-LLM parts (fusion, MVM head), q/v biases to merge,
-    keys that map nowhere)."""
-    hf, adapter, parts, biases, unknown = {}, {}, {}, {}, []
+    the rotary ``inv_freq`` buffers, keys that map nowhere).
+
+    A release saved with the transformers the original pins (4.28) carries each decoder layer's rotary
+    ``inv_freq`` as a buffer; today's transformers computes it from the config, so it is no parameter. Those
+    keys are set aside (and checked against the config by :func:`convert_stllm`), not refused."""
+    hf, adapter, parts, biases, rotary, unknown = {}, {}, {}, {}, {}, []
     for key, value in state.items():
-        if key == "lm_head.weight":
+        if ROTARY_BUFFER.fullmatch(key):
+            rotary[key] = value
+        elif key == "lm_head.weight":
             hf["language_model.lm_head.weight"] = value
         elif key.startswith(PREFIX):
             rest = key[len(PREFIX) :]
@@ -162,7 +173,7 @@ def split_release(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, dic
             hf["language_model." + key] = value
         else:
             unknown.append(key)
-    return hf, adapter, parts, biases, unknown
+    return hf, adapter, parts, biases, rotary, unknown
 
 
 def _count(state: dict, pattern: str) -> int:
@@ -212,6 +223,37 @@ def _config(hf: dict, text_config: dict):
     )
 
 
+def _check_rotary(rotary: dict[str, torch.Tensor], text_config) -> None:
+    """The release's rotary buffers must be what the converted config computes, or positions would differ."""
+    if not rotary:
+        return
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // text_config.num_attention_heads
+    )
+    params = getattr(text_config, "rope_parameters", None) or {}
+    theta = float(params.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+    expected = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wrong = sorted(
+        k for k, v in rotary.items() if v.shape != expected.shape or not torch.allclose(v.double(), expected)
+    )
+    if wrong:
+        raise ConversionError(f"rotary inv_freq buffers differ from rope_theta {theta:g}: {wrong}")
+    log.info("dropped %d rotary inv_freq buffers (recomputed from rope_theta %g)", len(rotary), theta)
+
+
+def _release_tokenizer(src: Path):
+    """The release's Vicuna tokenizer as the original reads it: ``LlamaTokenizer``, legacy (text after a
+    special token such as ``</s>`` starts a new SentencePiece piece: ``</s>###`` is ``</s>``, ``▁###``).
+    By class, not ``AutoTokenizer``: the release's ``config.json`` names ``model_type: st_llm_hf``, which no
+    auto class knows (without a ``tokenizer_class`` it would give a generic, non-legacy tokenizer)."""
+    from transformers import LlamaTokenizer
+
+    try:
+        return LlamaTokenizer.from_pretrained(src, legacy=True)
+    except Exception as e:  # no tokenizer.model / tokenizer.json, or sentencepiece missing
+        raise ConversionError(f"cannot read the release's Llama tokenizer in {src}: {e}") from e
+
+
 def convert_stllm(
     src: str | Path,
     dst: str | Path,
@@ -232,7 +274,7 @@ def convert_stllm(
     if dst.exists():
         raise ConversionError(f"{dst} already exists")
     state = load_checkpoint(src)
-    hf, adapter_state, parts, biases, unknown = split_release(state)
+    hf, adapter_state, parts, biases, rotary, unknown = split_release(state)
     for i, b in sorted(biases.items()):
         if set(b) != {"q_bias", "v_bias"}:
             unknown += [f"{PREFIX}visual_encoder.blocks.{i}.attn.{k}" for k in b]
@@ -255,6 +297,7 @@ def convert_stllm(
         config = _config(hf, text_config)
     except KeyError as e:
         raise ConversionError(f"the checkpoint lacks {e}, needed to read the architecture") from e
+    _check_rotary(rotary, config.text_config)
 
     with torch.device("meta"):  # no random initialisation of billions of weights only to overwrite them
         model = InstructBlipVideoForConditionalGeneration(config)
@@ -293,7 +336,7 @@ def convert_stllm(
                 f"unexpected {sorted(result.unexpected_keys)}"
             )
 
-    tok = AutoTokenizer.from_pretrained(src)
+    tok = _release_tokenizer(src)
     if "[PAD]" not in tok.get_vocab():  # the original adds [PAD] (vocabulary 32001) for batching
         tok.add_special_tokens({"pad_token": "[PAD]"})
     if len(tok) != config.text_config.vocab_size:
@@ -305,6 +348,9 @@ def convert_stllm(
     shutil.rmtree(backbone_dir, ignore_errors=True)
     model.save_pretrained(backbone_dir)
     tok.save_pretrained(backbone_dir)
+    # saved tokenizer configs do not say "legacy"; without it a reload splits text after `</s>` differently
+    tok_config = backbone_dir / "tokenizer_config.json"
+    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()), "legacy": True}, indent=2))
     qtok = AutoTokenizer.from_pretrained(qformer_tokenizer, truncation_side="left")
     if qtok.bos_token is None:
         qtok.add_special_tokens({"bos_token": "[DEC]"})  # as InstructBLIP's Q-Former tokenizer

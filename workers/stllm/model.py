@@ -1,7 +1,7 @@
 """ST-LLM: every spatio-temporal token goes into the LLM (Liu et al., ECCV 2024).
 
     frames (B, T, 3, S, S) -> backbone -> tokens (B, T, K, D)
-    global-local: local frames + up(relu(down(mean over all frames)))   (up zero-initialised)
+    global-local: local frames + up(relu(down(mean over all frames' projected tokens)))   (up zero-init)
     flatten frame-major -> (B, T*K, D), video first, then the question; 1-D positions 0..N-1
     (an instruct LM's chat header, e.g. its system turn, stays in front: [header][video][question][answer])
     training: dynamic masking drops a random share rho of video tokens (order kept),
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,14 @@ ONE_PASS_MAX_PREFIX = 320
 
 
 # ----------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class WindowFeatures:
+    """Frozen-encoder features of one video for windowed inference and training."""
+
+    windows: torch.Tensor  # (W, F, K, Dv): each window's frames, encoded as one clip
+    global_frames: torch.Tensor  # (G, K, Dv): the frames the global part pools over (G may be 0)
 
 
 class STLLM(nn.Module):
@@ -80,6 +89,15 @@ class STLLM(nn.Module):
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Non-LoRA modules that training updates and a model directory saves."""
         return {**self.backbone.trainable_modules(), "fusion": self.fusion, "mvm_head": self.mvm_head}
+
+    def train(self, mode: bool = True) -> STLLM:
+        """Train mode for what trains (the LM with its LoRA, the connector, fusion and MVM head); the frozen
+        encoder parts (vision tower, temporal adapter, Q-Former) stay in eval mode, as the original pins them:
+        their dropout is off, so a training step sees the features inference sees."""
+        super().train(mode)
+        for module in self.backbone.frozen_modules():
+            module.eval()
+        return self
 
     def attach_lora(self) -> None:
         """Wrap the LM decoder with fresh LoRA adapters (peft); the base weights stay frozen."""
@@ -128,15 +146,19 @@ class STLLM(nn.Module):
         return self.lm.get_input_embeddings()(ids.to(self.device))
 
     # ------------------------------------------------------------------ video tokens
-    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder features (N, K, Dv) for preprocessed frames (N, 3, S, S): cache these."""
+    def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
+        """Frozen encoder features (N, K, Dv) for preprocessed frames (N, 3, S, S) that form clips of ``clip``
+        frames (see ``Backbone.vision_features``): cache these."""
         with torch.no_grad(), self.autocast():
-            return self.backbone.vision_features(pixels.to(self.device)).float()
+            return self.backbone.vision_features(pixels.to(self.device), clip).float()
 
     def frame_features(self, frames: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """uint8 frames (T, H, W, 3) -> frozen encoder features (T, K, Dv), encoded ``chunk`` frames at a time.
-        Frames move to the model's device as uint8 and are resized there (on a GPU, resizing on the CPU
-        took longer than the encoder)."""
+        """uint8 frames (T, H, W, 3) in time order -> frozen encoder features (T, K, Dv), ``chunk`` frames per
+        encoder call. An encoder that mixes frames over time sees them as consecutive clips of at most
+        ``backbone.clip_frames``. Frames move to the model's device as uint8 and are resized there (on a GPU,
+        resizing on the CPU took longer than the encoder)."""
+        if self.backbone.clip_frames is not None:
+            return self.clip_features(frames, torch.arange(frames.shape[0])[None], chunk)[0]
         bb = self.backbone
         parts = []
         for i in range(0, frames.shape[0], chunk):
@@ -146,22 +168,69 @@ class STLLM(nn.Module):
             parts.append(self.vision_features(pixels))
         return torch.cat(parts)
 
-    def video_tokens(self, local: torch.Tensor, global_frames: torch.Tensor | None = None) -> torch.Tensor:
+    def clip_features(self, frames: torch.Tensor, clips: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """uint8 frames (N, H, W, 3) and clips (C, F) of indices into them -> features (C, F, K, Dv), each clip
+        encoded on its own: a temporal adapter attends within a clip, never across clips. A clip longer than
+        ``backbone.clip_frames`` is split into consecutive pieces of at most that many frames. About ``chunk``
+        frames go through the encoder per call."""
+        bb = self.backbone
+        if bb.clip_frames is None:  # frames are encoded alone: each distinct frame once
+            used, where = clips.unique(return_inverse=True)
+            return self.frame_features(frames[used], chunk)[where]
+        parts = []
+        for a in range(0, clips.shape[1], bb.clip_frames):
+            piece = clips[:, a : a + bb.clip_frames]  # (C, t)
+            t = piece.shape[1]
+            rows = max(1, chunk // t)
+            out = []
+            for r in range(0, len(piece), rows):
+                pixels = preprocess_frames(
+                    frames[piece[r : r + rows].reshape(-1)].to(self.device),
+                    bb.image_size,
+                    bb.image_mean,
+                    bb.image_std,
+                )
+                feats = self.vision_features(pixels, clip=t)
+                out.append(feats.view(-1, t, *feats.shape[1:]))
+            parts.append(torch.cat(out))
+        return torch.cat(parts, 1)
+
+    def window_features(
+        self, frames: torch.Tensor, window_index: torch.Tensor, global_index: torch.Tensor
+    ) -> WindowFeatures:
+        """Encoder features of a video's windows (``window_index`` (W, F) into ``frames``) and of its global
+        frames (``global_index`` (G,)): each window is its own clip, the global frames another."""
+        if self.backbone.clip_frames is None:  # no clip mixing: encode the frames once, windows index them
+            f = self.frame_features(frames)
+            return WindowFeatures(f[window_index], f[global_index])
+        local = self.clip_features(frames, window_index)
+        if not len(global_index):
+            return WindowFeatures(local, local.new_zeros((0, *local.shape[2:])))
+        return WindowFeatures(local, self.clip_features(frames, global_index[None])[0])
+
+    def video_tokens(
+        self, local: torch.Tensor, global_frames: torch.Tensor | None = None, text: str | None = None
+    ) -> torch.Tensor:
         """Frame features -> the video's LLM input, frame-major.
 
         local: (B, T, K, Dv) features of the frames kept at full tokens; global_frames: (B, Tg, K, Dv) features
-        of all frames the global part pools over (None: no global part). Returns (B, T*K, D).
+        of all frames the global part pools over (None: no global part). The global part is the mean over
+        frames of the projected tokens, as in the original (for a Q-Former or an MLP connector that is not the
+        projection of the mean). ``text``: what a question-aware connector reads (None: its fixed instruction).
+        Returns (B, T*K, D).
         """
         b, t = local.shape[:2]
         weights = next(self.fusion.parameters()).dtype  # bf16 after inference_weights(), else fp32
         tokens = self.backbone.project(
-            local.to(weights).flatten(0, 1)
+            local.to(weights).flatten(0, 1), text
         )  # (B*T, K, D): K may differ from the feature count
         tokens = tokens.view(b, t, *tokens.shape[1:])
         if global_frames is not None:
             if b > 1 and global_frames.stride(0) == 0:  # one video's frames expanded over its windows:
-                global_frames = global_frames[:1]  # pool and project them once
-            g = self.backbone.project(global_frames.mean(1).to(weights))  # mean over frames, then project
+                global_frames = global_frames[:1]  # project and pool them once
+            gb, tg = global_frames.shape[:2]
+            projected = self.backbone.project(global_frames.to(weights).flatten(0, 1), text)
+            g = projected.view(gb, tg, *projected.shape[1:]).mean(1)  # project every frame, then the mean
             tokens = self.fusion(tokens, g.expand(b, -1, -1))
         return tokens.flatten(1, 2)
 

@@ -27,6 +27,64 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+# What the tiny Vicuna-style tokenizer is trained on: the prompts the engine and the MVBench harness build.
+_LLAMA_CORPUS = [
+    "###Human: what is happening in the video? ###Assistant: yes no",
+    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and movement "
+    "of objects, and the action and pose of persons.",
+    "Question: Which event happens first in the video?\nOptions:\n(A) jam\n(B) hand\n(C) part passing\n"
+    "(D) empty belt\nOnly give the best option.",
+    "Best option:(A) How many parts pass on the conveyor? Is the line jammed? Does this clip show a defect?",
+]
+
+
+def llama_tokenizer(directory: str | Path) -> Path:
+    """A Vicuna-style tokenizer at toy size, written as such a release ships it: a SentencePiece BPE model
+    (``tokenizer.model``: byte fallback, a dummy prefix, whitespace kept; <unk> 0, <s> 1, </s> 2) and a
+    ``tokenizer_config.json`` naming ``LlamaTokenizer``. Trained offline here (no download). Returns the
+    ``tokenizer.model`` path, for reading it with ``sentencepiece`` directly as the original's slow tokenizer
+    did."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_LLAMA_CORPUS * 40),
+        model_writer=model,
+        vocab_size=340,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=1,
+    )
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+            }
+        )
+    )
+    return directory / "tokenizer.model"
+
+
 def word_tokenizer(texts: list[str]):
     """:func:`byte_tokenizer` plus "yes", "no" and every word of ``texts`` as single tokens, so prompts made
     of those words are about as many tokens as a real BPE vocabulary makes of them (bytes alone make them
@@ -138,12 +196,12 @@ def bert_tokenizer(directory: str | Path):
 
 
 def tiny_instructblip_video_config(vocab_size: int, qformer_vocab: int, image_size: int = 28):
-    """InstructBlipVideo at toy size, with the released models' head widths (ViT 88, Q-Former 64 per head)."""
+    """InstructBlipVideo at toy size, with the released models' head widths (ViT 88, Q-Former 64 per head);
+    Vicuna's special ids (<s> 1, </s> 2)."""
     from transformers import InstructBlipVideoConfig
 
-    tok = byte_tokenizer()
-    text = _tiny_llama_config(tok, 64, 2).to_dict()
-    text["vocab_size"] = vocab_size
+    text = _tiny_llama_config(byte_tokenizer(), 64, 2).to_dict()
+    text.update(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None)
     return InstructBlipVideoConfig(
         vision_config={
             "hidden_size": 176,
@@ -226,11 +284,13 @@ def tiny_stllm_release(directory: str | Path, adapter: bool = True, seed: int = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tok = byte_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["[PAD]"]})
+    sp_model = llama_tokenizer(directory)  # tokenizer.model + tokenizer_config.json, as Vicuna's release
+    import sentencepiece as spm
+
+    n_text = spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size() + 1  # + the original's [PAD]
     qtok_dir = directory.parent / (directory.name + "-qformer-tokenizer")
     qtok = bert_tokenizer(qtok_dir)
-    config = tiny_instructblip_video_config(len(tok), len(qtok))
+    config = tiny_instructblip_video_config(n_text, len(qtok))
     hf = InstructBlipVideoForConditionalGeneration(config).eval()
     with torch.no_grad():
         for p in hf.parameters():  # visible weights everywhere (defaults leave LayerNorms and biases trivial)
@@ -270,7 +330,7 @@ def tiny_stllm_release(directory: str | Path, adapter: bool = True, seed: int = 
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     text = config.text_config.to_dict()
     (directory / "config.json").write_text(json.dumps({**text, "model_type": "st_llm_hf"}))
-    tok.save_pretrained(directory)
+    mods["sentencepiece"] = str(sp_model)
     return mods
 
 

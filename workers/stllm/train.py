@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from workers.stllm.model import IGNORE, STLLM
+from workers.stllm.model import IGNORE, STLLM, WindowFeatures
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,8 @@ class TrainOptions:
 
 
 @dataclass
-class VideoFeatures:
-    """One training video: frozen-encoder features of its sampled frames and which frames form each window."""
-
-    features: torch.Tensor  # (N, K, Dv)
-    window_index: torch.Tensor  # (W, F)
-    global_index: torch.Tensor  # (G,)
-
-
-@dataclass
 class Example:
-    video: int  # index into the list of VideoFeatures
+    video: int  # index into the list of WindowFeatures
     window: int
     question: str
     answer: str  # "yes" or "no"
@@ -115,7 +106,7 @@ def balanced_batches(examples: list[Example], settings: TrainOptions) -> list[li
 
 def train(
     model: STLLM,
-    videos: list[VideoFeatures],
+    videos: list[WindowFeatures],
     examples: list[Example],
     settings: TrainOptions,
     checkpoint_dir: Path | None = None,
@@ -157,12 +148,10 @@ def train(
             raise ValueError(f"answers {answers} share their first token: train with answer_choices=False")
     for step in range(start, settings.steps):
         batch = batches[step]
-        local = torch.stack(
-            [videos[ex.video].features[videos[ex.video].window_index[ex.window]] for ex in batch]
-        )
+        local = torch.stack([videos[ex.video].windows[ex.window] for ex in batch])
         glob = None
-        if all(len(videos[ex.video].global_index) for ex in batch):
-            glob = torch.stack([videos[ex.video].features[videos[ex.video].global_index] for ex in batch])
+        if all(len(videos[ex.video].global_frames) for ex in batch):
+            glob = torch.stack([videos[ex.video].global_frames for ex in batch])
         ids, labels, mask = _encode_text(model, batch)
         out = model.training_loss(
             model.video_tokens(local, glob),

@@ -39,15 +39,28 @@ class Backbone(nn.Module):
     decoder: nn.Module
     lm_head: nn.Module
 
-    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, K, Dv)
+    # The most frames the encoder mixes over time in one clip (a temporal adapter: the clip length it was
+    # trained on). None: every frame is encoded on its own, so a frame that several windows share is encoded once.
+    clip_frames: int | None = None
+
+    def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, K, Dv). ``clip``: the frames form N / clip consecutive clips of ``clip`` frames
+        (only an encoder with ``clip_frames`` reads it; None: one clip)."""
         raise NotImplementedError
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:  # (N, K, Dv) -> (N, K, D)
+    def project(self, features: torch.Tensor, text: str | None = None) -> torch.Tensor:
+        """(N, K, Dv) -> (N, K', D). ``text``: what a question-aware connector (InstructBLIP's Q-Former) reads
+        instead of its fixed instruction; others ignore it."""
         raise NotImplementedError
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Non-LoRA parts that fine-tuning trains and a model directory saves (the connector)."""
         raise NotImplementedError
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Frozen parts that stay in eval mode while the rest trains (their dropout off, as the original pins
+        them)."""
+        return [self.vision]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(ids)

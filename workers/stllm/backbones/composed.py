@@ -176,7 +176,7 @@ class ComposedBackbone(Backbone):
         with torch.no_grad():
             return self.vision_features(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-1]
 
-    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
         if self._family == "efficientnet":
             fmap = self.vision.extract_features(
                 pixels.contiguous(memory_format=torch.channels_last)
@@ -185,7 +185,7 @@ class ComposedBackbone(Backbone):
             fmap = _patch_tokens_to_map(self.vision(pixel_values=pixels).last_hidden_state)
         return self.pool(fmap)  # (N, grid*grid, Dv)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
+    def project(self, features: torch.Tensor, text: str | None = None) -> torch.Tensor:
         return self.projector(features)
 
     def trainable_modules(self) -> dict[str, nn.Module]:

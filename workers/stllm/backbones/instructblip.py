@@ -5,8 +5,14 @@ ST-LLM method, plus the small temporal adapter the released QA model carries ins
 The temporal adapter is a branch over the ViT's last ``depth`` layers: each branch layer attends across
 time at every patch position (output projection zero-initialised, so a fresh adapter changes nothing) and
 then within each frame, starting from a learned position per frame (up to 64). Its output is averaged with
-the ViT's own last layer before the ViT's final LayerNorm. The frames handed to one ``vision_features`` call
-form the clip it sees (the engine hands a video's sampled frames in time order, at most 64 at a time).
+the ViT's own last layer before the ViT's final LayerNorm. It sees one clip at a time: the engine hands it each
+window's frames on their own, and the global frames on their own, in pieces of at most ``clip_frames`` (16, the
+clip length the QA model was trained on), never frames of several windows together.
+
+The Q-Former reads text, as in the original (``qformer_text_input``): in ``stllm eval mc`` the MVBench question
+with its options, up to 256 tokens cut from the left; in pre-labeling, asking and rounds, where one video's
+tokens serve every label's question, the fixed instruction :data:`JOB_INSTRUCTION` (recorded in the model
+spec as ``qformer_text``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ADAPTER_FILE = "temporal_adapter.safetensors"
 ADAPTER_CONFIG = "temporal_adapter.json"
+# The clip length the released QA model's temporal adapter was trained on (num_frames 16 in its configs).
+TRAINED_CLIP_FRAMES = 16
+# The Q-Former's text limit in the released configs (max_txt_len 256; its tokenizer cuts from the left).
+QFORMER_MAX_TEXT = 256
+# What the Q-Former reads in jobs. Pre-labeling scores every label's question after the same video tokens, so
+# the text cannot be one label's question; the original trained the Q-Former on the human turn of its
+# instruction data, whose most common kind is an open request to describe what happens. A neutral request of
+# that kind asks the queries for the video's events without favouring any label.
+JOB_INSTRUCTION = "What is happening in the video?"
 
 
 class EvaAttention(nn.Module):
@@ -158,8 +173,9 @@ class InstructBlipVideoBackbone(Backbone):
     an InstructBLIP checkpoint), with the Q-Former's own tokenizer in ``qformer_tokenizer/``.
 
     Features are the ViT's (with the temporal adapter where the directory has one) after its final
-    LayerNorm; ``project`` runs the frozen Q-Former (32 queries reading ``instruction``) and the trainable
-    language projection. Prompt: ``[video]</s>###Human: {question} ###Assistant: {answer}``.
+    LayerNorm; ``project`` runs the frozen Q-Former (32 queries reading ``instruction``, or the text it is
+    handed) and the trainable language projection. Prompt: ``[video]</s>###Human: {question} ###Assistant:
+    {answer}``.
     """
 
     def __init__(self, spec: dict[str, Any]):
@@ -179,7 +195,10 @@ class InstructBlipVideoBackbone(Backbone):
         self.tokenizer = AutoTokenizer.from_pretrained(ref)
         self.qformer_tokenizer = AutoTokenizer.from_pretrained(ref / "qformer_tokenizer")
         self.qformer_tokenizer.truncation_side = "left"
-        self.instruction = spec.get("qformer_text", "")
+        self.instruction = spec.get("qformer_text", JOB_INSTRUCTION)
+        self.spec["qformer_text"] = (
+            self.instruction
+        )  # saved with every version: what its tokens were made with
         self.hidden_size = cfg.text_config.hidden_size
         self.image_size = cfg.vision_config.image_size
         self.image_mean, self.image_std = CLIP_MEAN, CLIP_STD
@@ -191,32 +210,35 @@ class InstructBlipVideoBackbone(Backbone):
             self.adapter = TemporalAdapter(**json.loads((ref / ADAPTER_CONFIG).read_text()))
             self.adapter.load_state_dict(load_file(ref / ADAPTER_FILE), strict=True)
             self.adapter.requires_grad_(False).eval()
+            self.clip_frames = int(spec.get("clip_frames", min(TRAINED_CLIP_FRAMES, self.adapter.max_frames)))
 
     def prompt_parts(self) -> tuple[str, str]:
         return "", " ###Assistant: "
 
     prompt_mid = "</s>###Human: "
 
-    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
         pixels = pixels.to(self.vision.embeddings.patch_embedding.weight.dtype)
         if self.adapter is None:
             return self.vision(pixel_values=pixels).last_hidden_state  # (N, 1+P, Dv), after post_layernorm
+        t = clip or pixels.shape[0]
+        if pixels.shape[0] % t:
+            raise ValueError(f"{pixels.shape[0]} frames do not form clips of {t}")
         out = self.vision(pixel_values=pixels, output_hidden_states=True)
         merged = self.adapter(
-            list(out.hidden_states[-self.adapter.depth :]),
-            self.vision.embeddings.position_embedding,
-            t=pixels.shape[0],
+            list(out.hidden_states[-self.adapter.depth :]), self.vision.embeddings.position_embedding, t=t
         )
         return self.vision.post_layernorm(merged)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
+    def project(self, features: torch.Tensor, text: str | None = None) -> torch.Tensor:
         n = features.shape[0]
         queries = self.query_tokens.expand(n, -1, -1).to(features.dtype)
         query_mask = torch.ones(queries.shape[:2], dtype=torch.long, device=features.device)
         kwargs: dict[str, Any] = {"input_ids": None}
-        if self.instruction:
+        text = self.instruction if text is None else text
+        if text:
             text = self.qformer_tokenizer(
-                [self.instruction] * n, return_tensors="pt", truncation=True, max_length=32
+                [text] * n, return_tensors="pt", truncation=True, max_length=QFORMER_MAX_TEXT
             ).to(features.device)
             kwargs = {
                 "input_ids": text.input_ids,
@@ -235,3 +257,6 @@ class InstructBlipVideoBackbone(Backbone):
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"projector": self.projector}
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vision, self.qformer] + ([self.adapter] if self.adapter is not None else [])

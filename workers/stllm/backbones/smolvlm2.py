@@ -47,10 +47,10 @@ class SmolVLM2Backbone(Backbone):
         except Exception:  # no preprocessor_config.json: SmolVLM's own values
             return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
-    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+    def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
         return self.vision(pixel_values=pixels.to(self.vision.dtype)).last_hidden_state  # (N, P, Dv)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
+    def project(self, features: torch.Tensor, text: str | None = None) -> torch.Tensor:
         return self.connector(features)  # (N, K, D)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
