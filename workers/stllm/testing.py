@@ -287,7 +287,9 @@ def tiny_stllm_release(directory: str | Path, adapter: bool = True, seed: int = 
     sp_model = llama_tokenizer(directory)  # tokenizer.model + tokenizer_config.json, as Vicuna's release
     import sentencepiece as spm
 
-    n_text = spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size() + 1  # + the original's [PAD]
+    n_text = (
+        spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size() + 1
+    )  # + the original's [PAD]
     qtok_dir = directory.parent / (directory.name + "-qformer-tokenizer")
     qtok = bert_tokenizer(qtok_dir)
     config = tiny_instructblip_video_config(n_text, len(qtok))
