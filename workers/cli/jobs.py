@@ -112,7 +112,7 @@ def cmd_convert_stllm(args) -> int:
 def cmd_eval(args) -> int:
     from workers.tools.mc import MODES, evaluate_mc, load_questions
 
-    questions = load_questions(args.file)[: args.limit]
+    questions = load_questions(args.file, args.video_root)[: args.limit]
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - set(MODES):
         raise ValueError(f"--modes takes a comma-separated subset of {list(MODES)}")
@@ -127,7 +127,9 @@ def cmd_eval(args) -> int:
             f"{t:<24}" + "".join(f"{100 * result[m]['per_task'].get(t, float('nan')):>9.1f}%" for m in modes)
         )
     print(f"{'overall':<24}" + "".join(f"{100 * result[m]['overall']:>9.1f}%" for m in modes))
-    print(f"{result['n']} questions, {result['errors']} failed; model {model.version}")
+    for failed in result["failed"][:10]:
+        print(f"failed (counted wrong): {failed['video']}: {failed['error']}", file=sys.stderr)
+    print(f"{result['n']} questions, {result['errors']} failed (counted wrong); model {model.version}")
     if args.out:
         Path(args.out).write_text(json.dumps({**result, "model_version": model.version}, indent=1))
     return 0 if result["errors"] < result["n"] else 1
@@ -224,9 +226,16 @@ def add_parsers(sub) -> None:
     e = esub.add_parser(
         "mc",
         help="accuracy per task and overall, by the paper's generation and by option likelihood",
-        description="FILE: JSON list or JSON lines of {video, start?, end?, question, options, answer, task?}.",
+        description="FILE: a JSON list or JSON lines of {video, start?, end?, question, options (or "
+        "candidates), answer, task?}; or a downloaded MVBench's json/ folder (its per-task files; videos "
+        "under the video/ folder beside it, or --video-root). Frames, prompt, Q-Former text and letter "
+        "scoring follow the original ST-LLM MVBench code; a video that cannot be read is listed and "
+        "counted wrong.",
     )
-    e.add_argument("file")
+    e.add_argument("file", help="questions file, or MVBench's json/ folder")
+    e.add_argument(
+        "--video-root", help="MVBench: the folder holding star/, ssv2_video/, ... (default: ../video)"
+    )
     add_model_args(e)
     e.add_argument("--modes", default="generate,score", help="generate,score (default both)")
     e.add_argument("--limit", type=int, default=None, help="only the first N questions")

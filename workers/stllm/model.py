@@ -329,6 +329,7 @@ class STLLM(nn.Module):
         candidates: list[str],
         answer_prefix: str = "",
         shared_start: bool = True,
+        in_context: bool = False,
     ) -> torch.Tensor:
         """log P(candidate | video, query) for every video, query and candidate: (B, Q, C).
 
@@ -340,11 +341,19 @@ class STLLM(nn.Module):
         longer one (asking over a whole video) runs first on its own, causal, and the continuations follow
         over its KV cache. Candidates that are single tokens (the yes/no case) are read off the query's last
         position, so that case needs one continuation per query, not per candidate. ``shared_start=False``
-        runs every query from its first token instead (same result; for benchmarks).
+        runs every query from its first token instead (same result; for benchmarks). ``in_context``: each
+        candidate is the tokens it becomes after the (first) query and ``answer_prefix`` (a SentencePiece
+        tokenizer spells "A" after "(" as one token, "A" alone as "▁", "A"); default: tokenized alone, as
+        training spells its answers.
         """
         b = video.shape[0]
         q_ids = [self.question_ids(q, answer_prefix) for q in queries]
         c_ids = [self.text_ids(c) for c in candidates]
+        if in_context:
+            c_ids = [
+                self._continuation(queries[0], answer_prefix, c) or ids
+                for c, ids in zip(candidates, c_ids, strict=True)
+            ]
         if any(len(q) == 0 for q in q_ids):
             raise ValueError("every query needs at least one token")
         if any(len(c) == 0 for c in c_ids):
@@ -398,6 +407,13 @@ class STLLM(nn.Module):
             1, torch.tensor(owner, device=logp.device), picked
         )
         return scores.view(b, len(queries), len(candidates)).cpu()
+
+    def _continuation(self, query: str, answer_prefix: str, candidate: str) -> list[int]:
+        """The token ids ``candidate`` adds after ``query`` and ``answer_prefix`` ([] where tokenizing them
+        together changes the tokens before it)."""
+        before = self.question_ids(query, answer_prefix)
+        after = self.question_ids(query, answer_prefix + candidate)
+        return after[len(before) :] if after[: len(before)] == before else []
 
     def _side_by_side(
         self, rows: list[list[int]], plen: int, with_prefix: bool = True
