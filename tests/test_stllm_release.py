@@ -680,3 +680,25 @@ def test_eval_mc_reads_a_downloaded_mvbench(converted, tmp_path):
     assert all(i.get("score") in ("A", "B", "C") for i in result["items"] if "error" not in i)
     right = sum(i.get("score") == i["answer"] for i in result["items"])
     assert result["score"]["overall"] == right / 4
+
+
+def test_the_qformer_reads_the_mc_question_with_its_options(converted, tmp_path):
+    """eval mc hands the Q-Former ``Question: ...\\nOptions:\\n(A) ...``; up to 256 tokens are read (cut from the
+    left), so text before the last 32 tokens still counts."""
+    from workers.tools.linevideo import generate_dataset
+    from workers.tools.mc import MCQuestion
+
+    model = load_model(converted, device="cpu", dtype="fp32")
+    bb = model.backbone
+    feats = bb.vision_features(torch.randn(2, 3, 28, 28)).detach()
+    tail = " what happens first in the video" * 8  # > 32 tokens
+    with torch.no_grad():
+        a, b = bb.project(feats, "the" + tail), bb.project(feats, "how" + tail)
+    assert not torch.allclose(a, b, atol=1e-5)
+    records = generate_dataset(tmp_path / "v", 1, seed=4, duration=5.0)
+    q = MCQuestion(video=records[0]["video"], question="How many?", options=["1", "2"], answer="1")
+    seen = []
+    tokens = model.video_tokens
+    model.video_tokens = lambda *args, text=None: seen.append(text) or tokens(*args, text=text)
+    evaluate_mc(model, [q], ("score",))
+    assert seen == [q.qa_text()] and seen[0].startswith("Question: How many?\nOptions:\n(A) 1\n(B) 2")
