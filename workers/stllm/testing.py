@@ -190,7 +190,7 @@ def bert_tokenizer(directory: str | Path):
     words += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     words += ["the", "what", "video", "does", "is", "happen", "first", "how", "many"]
     (directory / "vocab.txt").write_text("\n".join(words) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
     tok.save_pretrained(directory)
     return tok
 
