@@ -155,11 +155,11 @@ def test_a_round_is_requested_after_every_n_new_corrections(backend):
     assert _wait_for(settings, "ROUND_FAILED")["project"] == 4  # no Label Studio here to pull from
 
 
-def test_setup_learns_where_label_studio_is(backend):
+def test_setup_learns_where_a_label_studio_on_this_machine_is(backend):
     client, settings, _ = backend
     assert settings.connection() == (None, None)
-    client.post("/setup", json={"schema": CONFIG, "hostname": "http://ls:8080", "access_token": "tok"})
-    assert settings.connection() == ("http://ls:8080", "tok")
+    client.post("/setup", json={"schema": CONFIG, "hostname": "http://localhost:8080", "access_token": "tok"})
+    assert settings.connection() == ("http://localhost:8080", "tok")
     assert (settings.state / "connection.json").stat().st_mode & 0o077 == 0  # the key is not world-readable
 
 

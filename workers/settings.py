@@ -29,8 +29,10 @@ where they start (a worker process, a command, the Flask app) and hand explicit 
 | STLLM_LS_BASIC_AUTH_USER / _PASSWORD | unset | basic auth the backend requires (both or neither) |
 | STLLM_LS_ROUND_EVERY | 0 | start a round after this many new corrections (0: only on START_TRAINING) |
 | STLLM_LS_ROUND_SETTINGS | {} | a round's settings as JSON, e.g. ``{"train": {"steps": 200}}`` |
-| STLLM_LS_ALLOWED_HOSTS | unset | hosts besides Label Studio whose http(s) media workers may download |
-| STLLM_LS_SEND_KEY | 1 | whether queued jobs carry the Label Studio API key (0: workers use their own) |
+| STLLM_LS_ALLOWED_HOSTS | unset | hosts (``host`` or ``host:port``) besides Label Studio whose http(s) media workers may download |
+| STLLM_LS_ALLOW_PRIVATE | unset | hosts on loopback / private / link-local addresses media downloads may reach (Label Studio's own is always allowed) |
+| STLLM_LS_SEND_KEY | 0 | whether queued jobs carry the Label Studio API key through the broker (0: workers use their own) |
+| STLLM_LS_MAX_BODY | 67108864 | the largest request body the backend reads, in bytes (larger: 413) |
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def _opt(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _hosts(name: str) -> frozenset[str]:
+    """A comma-separated host list, lower-cased (hosts compare case-insensitively)."""
+    return frozenset(h.strip().lower() for h in os.environ.get(name, "").split(",") if h.strip())
+
+
 @dataclass(frozen=True)
 class CpuServingSettings:
     """Switches for serving on a CPU (see ``workers/stllm/cpu/README.md``)."""
@@ -75,7 +82,9 @@ class LabelStudioSettings:
     round_every: int = 0
     round_settings: dict = field(default_factory=dict)
     allowed_hosts: frozenset[str] = frozenset()
-    send_key: bool = True
+    allow_private: frozenset[str] = frozenset()
+    send_key: bool = False
+    max_body: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -136,9 +145,9 @@ def current() -> Settings:
             auth_password=_opt("STLLM_LS_BASIC_AUTH_PASSWORD"),
             round_every=_int("STLLM_LS_ROUND_EVERY", 0),
             round_settings=round_settings,
-            allowed_hosts=frozenset(
-                h.strip() for h in os.environ.get("STLLM_LS_ALLOWED_HOSTS", "").split(",") if h.strip()
-            ),
-            send_key=_flag("STLLM_LS_SEND_KEY"),
+            allowed_hosts=_hosts("STLLM_LS_ALLOWED_HOSTS"),
+            allow_private=_hosts("STLLM_LS_ALLOW_PRIVATE"),
+            send_key=_flag("STLLM_LS_SEND_KEY", default=False),
+            max_body=_int("STLLM_LS_MAX_BODY", 64 << 20),
         ),
     )

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from workers.schemas import EventLabel
+
+MAX_FRAME_RATE = 1000.0  # frames per second a <Video frameRate> may say (beyond it, a typo or an attack)
+MAX_CONFIG_CHARS = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -33,6 +38,10 @@ def parse_label_config(xml: str) -> ProjectConfig:
     """
     if not xml or not xml.strip():
         raise ConfigError("the label config is empty")
+    if len(xml) > MAX_CONFIG_CHARS:
+        raise ConfigError(f"the label config is over {MAX_CONFIG_CHARS} characters")
+    if re.search(r"<!\s*(DOCTYPE|ENTITY)", xml, re.IGNORECASE):
+        raise ConfigError("the label config may not declare a DOCTYPE or entities")
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -58,8 +67,10 @@ def parse_label_config(xml: str) -> ProjectConfig:
             fps = float(video.get("frameRate", "24"))
         except ValueError as e:
             raise ConfigError(f"<Video frameRate={video.get('frameRate')!r}> is not a number") from e
-        if fps <= 0:
-            raise ConfigError(f"<Video frameRate={fps}> must be positive")
+        if not math.isfinite(fps) or not 0 < fps <= MAX_FRAME_RATE:
+            raise ConfigError(
+                f"<Video frameRate={video.get('frameRate')!r}> must be a number in (0, {MAX_FRAME_RATE}]"
+            )
         labels = [
             EventLabel(name=lab.get("value"), description=lab.get("hint") or lab.get("alias") or "")
             for lab in t
@@ -67,5 +78,9 @@ def parse_label_config(xml: str) -> ProjectConfig:
         ]
         if not labels:
             raise ConfigError(f"<TimelineLabels name={t.get('name')!r}> has no <Label> children")
+        names = [label.name for label in labels]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"<TimelineLabels name={t.get('name')!r}> repeats the label values {twice}")
         return ProjectConfig(video.get("name"), value[1:], fps, t.get("name"), labels)
     raise ConfigError("no <TimelineLabels> control points at a <Video> (toName must be the video's name)")

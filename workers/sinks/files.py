@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _key(record: dict) -> tuple[str, str]:
@@ -59,16 +62,21 @@ class AppendLog:
             fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time: lines never interleave
             f.write(body)
             f.flush()
+            os.fsync(f.fileno())  # acknowledged means on disk: these are humans' corrections
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
         latest: dict[object, dict] = {}
         with open(self.path) as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
-                    r = json.loads(line)
-                    k = self.key(r)
+                    try:
+                        r = json.loads(line)
+                        k = self.key(r)
+                    except (ValueError, KeyError, TypeError) as e:  # a line torn by a crash or a full disk
+                        log.warning("%s line %d skipped (not a whole record): %s", self.path, number, e)
+                        continue
                     latest.pop(k, None)
                     latest[k] = r
         return list(latest.values())
