@@ -103,7 +103,7 @@ def test_corrupt_file_names_the_file(tmp_path):
 def test_file_without_video_stream(tmp_path):
     import av
 
-    path = tmp_path / "audio.wav"
+    path = tmp_path / "audio.mka"
     with av.open(str(path), "w") as out:
         s = out.add_stream("pcm_s16le", rate=8000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
@@ -199,3 +199,43 @@ def test_scene_videos_over_real_footage_match_their_ground_truth(tmp_path):
             )
     again = generate_scene_dataset(tmp_path / "again", 1, seed=3, duration=(20.0, 22.0))
     assert again[0]["segments"] == records[0]["segments"]
+
+
+def test_only_local_files_of_video_containers_are_opened(tmp_path):
+    """A file whose bytes are an HLS playlist naming a URL, or another container kind (a WAV), is refused
+    with the file's name; nothing is fetched."""
+    import http.server
+    import threading
+
+    import av
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/segment.ts"
+        for name in ("line.mp4", "line.m3u8"):
+            playlist = tmp_path / name
+            playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{url}\n#EXT-X-ENDLIST\n")
+            _assert_video_error(playlist, "allowed format")
+        wav = tmp_path / "audio.wav"
+        with av.open(str(wav), "w") as out:
+            s = out.add_stream("pcm_s16le", rate=8000)
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+            frame.sample_rate = 8000
+            for packet in [*s.encode(frame), *s.encode()]:
+                out.mux(packet)
+        _assert_video_error(wav, "allowed format")
+    finally:
+        server.shutdown()
+    assert hits == []

@@ -1,21 +1,35 @@
 """Remote videos: an http(s) source is downloaded once into a local cache before decoding (in the decode
 prefetch thread, so it overlaps compute). Label Studio's own URLs get its API key; no other host gets one.
 
+Every download, and every redirect it follows (at most :data:`MAX_REDIRECTS`):
+- goes to http or https only;
+- carries credentials only to the origin they belong to: a redirect to another origin (Label Studio's
+  ``/tasks/<id>/resolve/`` answers 303 to a presigned S3/GCS/Azure URL) drops the Authorization header;
+- never reaches a loopback, private, link-local, multicast, reserved or cloud-metadata address, except Label
+  Studio's own origin and the hosts in ``STLLM_LS_ALLOW_PRIVATE``;
+- must deliver the whole body its Content-Length announces, or nothing is cached.
+
 Cache: ``STLLM_MEDIA_CACHE`` (``workers.settings``), one file per URL.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import ipaddress
 import os
+import socket
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from workers.labelstudio.media import host_allowed
 from workers.labelstudio.rest import auth_header
+from workers.labelstudio.settings import origin
 from workers.settings import current
 from workers.stllm.video import VideoError
 
+MAX_REDIRECTS = 5
 _keys: dict[str, str] = {}  # Label Studio origin -> API key
 
 
@@ -34,21 +48,74 @@ def is_remote(source: str) -> bool:
 
 
 def _key_for(url: str) -> str | None:
-    origin = _origin(url)
+    env_url, env_key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
+    if env_url and env_key and origin(env_url) == origin(url):
+        return env_key
+    return next((key for o, key in _keys.items() if origin(o) == origin(url)), None)
+
+
+def _trusted(url: str) -> bool:
+    """Label Studio's own origin (configured or registered with its key): it may live on a private network."""
     env_url = os.environ.get("LABEL_STUDIO_URL")
-    if (
-        origin not in _keys
-        and env_url
-        and _origin(env_url) == origin
-        and os.environ.get("LABEL_STUDIO_API_KEY")
-    ):
-        return os.environ["LABEL_STUDIO_API_KEY"]
-    return _keys.get(origin)
+    return (env_url is not None and origin(env_url) == origin(url)) or any(
+        origin(o) == origin(url) for o in _keys
+    )
+
+
+def _forbidden_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or str(ip) == "169.254.169.254"  # cloud metadata (also link-local; named for the reader)
+    )
+
+
+def check_target(url: str) -> None:
+    """Raise VideoError unless ``url`` may be downloaded (see the module docstring)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise VideoError(url, "only http(s) URLs with a host are downloaded")
+    if _trusted(url) or host_allowed(url, current().labelstudio.allow_private):
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        raise VideoError(url, f"cannot resolve {parts.hostname}: {e}") from e
+    bad = sorted({info[4][0] for info in infos if _forbidden_address(info[4][0])})
+    if bad:
+        raise VideoError(
+            url,
+            f"refused: {parts.hostname} is a loopback/private/link-local address ({', '.join(bad)}); "
+            "add it to STLLM_LS_ALLOW_PRIVATE to allow it",
+        )
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most MAX_REDIRECTS hops, each checked; credentials stay with their origin."""
+
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_target(newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and origin(newurl) != origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+_opener = urllib.request.build_opener(_Redirects)
 
 
 def fetch(source: str, timeout: float = 120.0) -> str:
     """A local path for ``source``: itself when local, else the cached download (made if missing).
-    Raises VideoError naming the URL and the reason when the download fails."""
+    Raises VideoError naming the URL and the reason when the download fails or is refused."""
     if not is_remote(source):
         return source
     cache = current().media_cache
@@ -56,6 +123,7 @@ def fetch(source: str, timeout: float = 120.0) -> str:
     path = cache / (hashlib.sha1(source.encode()).hexdigest() + suffix)
     if path.exists():
         return str(path)
+    check_target(source)
     cache.mkdir(parents=True, exist_ok=True)
     headers = {}
     key = _key_for(source)
@@ -63,12 +131,18 @@ def fetch(source: str, timeout: float = 120.0) -> str:
         headers["Authorization"] = auth_header(_origin(source), key)
     tmp = path.with_name(path.name + f".part{os.getpid()}")
     try:
-        with urllib.request.urlopen(urllib.request.Request(source, headers=headers), timeout=timeout) as r:
+        with _opener.open(urllib.request.Request(source, headers=headers), timeout=timeout) as r:
+            expected = r.headers.get("Content-Length")
+            written = 0
             with open(tmp, "wb") as f:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
+                    written += len(chunk)
+            if expected is not None and expected.isdigit() and written != int(expected):
+                raise VideoError(source, f"download incomplete: {written} of {expected} bytes")
         tmp.replace(path)
-    except OSError as e:  # URLError and HTTPError are OSErrors
-        tmp.unlink(missing_ok=True)
+    except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
         raise VideoError(source, f"download failed: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or refused download leaves nothing behind
     return str(path)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from workers.labelstudio.settings import origin
 
 
 class MediaError(ValueError):
@@ -61,8 +64,8 @@ def media_source(
     if parts.path.startswith("/data/upload/") and (not parts.netloc or _same_origin(url, ls_url)):
         if not ls_url:
             raise MediaError(f"{url!r} is a Label Studio upload: set LABEL_STUDIO_URL to fetch it")
-        return f"{ls_url.rstrip('/')}{parts.path}"
-    if parts.scheme in ("http", "https") and parts.hostname in allowed_hosts:
+        return f"{ls_url.rstrip('/')}{upload_path(parts.path)}"
+    if parts.scheme in ("http", "https") and host_allowed(url, allowed_hosts):
         return url
     if parts.scheme in ("", "file") and not parts.netloc:
         raise MediaError(
@@ -74,8 +77,26 @@ def media_source(
     )
 
 
+UPLOAD = re.compile(r"/data/upload/\d+/[^/\\]+")
+
+
+def upload_path(path: str) -> str:
+    """An upload's path as Label Studio serves it, ``/data/upload/<project>/<file>``, the only path fetched
+    with the API key: ``..``, encoded slashes or backslashes, deeper paths and other API paths are refused."""
+    decoded = unquote(path)
+    name = decoded.rsplit("/", 1)[-1]
+    if not UPLOAD.fullmatch(decoded) or name in (".", "..") or unquote(decoded) != decoded:
+        raise MediaError(f"{path!r} is not a Label Studio upload path (/data/upload/<project>/<file>)")
+    return path
+
+
+def host_allowed(url: str, allowed_hosts: frozenset[str]) -> bool:
+    """Whether ``url``'s host is allowed: an entry ``host`` allows any port, ``host:port`` that port only;
+    host names compare case-insensitively, the port explicit (80/443 by scheme)."""
+    scheme, host, port = origin(url)
+    allowed = {h.lower() for h in allowed_hosts}
+    return bool(host) and (host in allowed or f"{host}:{port}" in allowed)
+
+
 def _same_origin(a: str, b: str | None) -> bool:
-    if not b:
-        return False
-    pa, pb = urlsplit(a), urlsplit(b)
-    return (pa.scheme, pa.netloc) == (pb.scheme, pb.netloc)
+    return bool(b) and origin(a) == origin(b)

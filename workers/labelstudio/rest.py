@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from workers.labelstudio.config import ProjectConfig, parse_label_config
 from workers.labelstudio.media import MediaError, media_source
-from workers.labelstudio.timeline import segments_from_regions
+from workers.labelstudio.settings import origin
+from workers.labelstudio.timeline import RegionError, segments_from_regions
 
 log = logging.getLogger("stllm.labelstudio")
 
@@ -38,9 +39,13 @@ class LabelStudioAPI:
 
     @classmethod
     def from_env(cls, url: str | None = None, api_key: str | None = None) -> LabelStudioAPI:
-        """Connection from the arguments, else ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``."""
-        url = url or os.environ.get("LABEL_STUDIO_URL")
-        api_key = api_key or os.environ.get("LABEL_STUDIO_API_KEY")
+        """Connection from the arguments, else ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY``. The
+        environment's key goes only to the environment's Label Studio: given another ``url`` and no key,
+        there is no key (a job naming a URL can never send this process's key elsewhere)."""
+        env_url, env_key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
+        if not api_key and (url is None or (env_url and origin(url) == origin(env_url))):
+            api_key = env_key
+        url = url or env_url
         if not url or not api_key:
             raise LabelStudioError(
                 "Label Studio is not configured: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
@@ -186,28 +191,37 @@ def pulled_from_tasks(
     One entry per task with a submitted (not cancelled) annotation: its latest annotation's timeline regions
     as segments in seconds, the video's path under the document root, and the ids that trace it (task,
     annotation, and the prediction it started from: a pre-label accepted unchanged counts as a confirmation).
-    Tasks whose media cannot be resolved are listed under ``skipped`` with the reason; remote media stays a
-    URL that the worker downloads."""
+    A task whose media cannot be resolved, or whose annotation is malformed (a reversed range, a frame 0, a
+    missing start, a label the project does not have...), is listed under ``skipped`` with the reason and
+    the rest go on; remote media stays a URL that the worker downloads."""
     entries, skipped = [], []
     for t in tasks:
-        done = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-        if not done:
-            continue
-        latest = max(done, key=lambda a: (str(a.get("updated_at") or ""), a.get("id", 0)))
+        task_id = t.get("id") if isinstance(t, dict) else None
         try:
-            path = media_source(
-                (t.get("data") or {}).get(config.video_key, ""), t["id"], document_root, ls_url, allowed_hosts
-            )
-        except MediaError as e:
-            skipped.append({"task": t["id"], "reason": str(e)})
+            if not isinstance(t, dict) or not isinstance(t.get("data") or {}, dict):
+                raise RegionError("the task is not an object with a 'data' object")
+            annotations = t.get("annotations") or []
+            if not isinstance(annotations, list):
+                raise RegionError("'annotations' is not a list")
+            done = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
+            if not done:
+                continue
+            latest = max(done, key=lambda a: (str(a.get("updated_at") or ""), str(a.get("id", ""))))
+            source = (t.get("data") or {}).get(config.video_key, "")
+            if not isinstance(source, str):
+                raise MediaError(f"the video URL is not a string: {source!r}")
+            path = media_source(source, task_id, document_root, ls_url, allowed_hosts)
+            segments = segments_from_regions(latest.get("result") or [], config)
+        except (MediaError, RegionError) as e:
+            skipped.append({"task": task_id, "reason": str(e)})
             continue
         entries.append(
             {
-                "task": t["id"],
+                "task": task_id,
                 "annotation": latest.get("id"),
                 "parent_prediction": latest.get("parent_prediction"),
                 "video": str(path),
-                "segments": segments_from_regions(latest.get("result") or [], config),
+                "segments": segments,
             }
         )
     return {"labels": [x.model_dump() for x in config.labels], "tasks": entries, "skipped": skipped}

@@ -63,16 +63,48 @@ def timing_warning(meta: dict, config: ProjectConfig) -> str | None:
     return None
 
 
-def segments_from_regions(regions: list[dict], config: ProjectConfig) -> list[dict]:
-    """An annotation's timelinelabels regions -> segments in seconds (and frames at the config's rate)."""
+class RegionError(ValueError):
+    """An annotation region that cannot become a training segment; the message names the region."""
+
+
+def _frame(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RegionError(f"{what} must be a frame number, got {value!r}")
+    if value != int(value) or value < 1:
+        raise RegionError(f"{what} must be a whole frame number from 1 (frames are 1-based), got {value!r}")
+    return int(value)
+
+
+def segments_from_regions(regions: object, config: ProjectConfig) -> list[dict]:
+    """An annotation's timelinelabels regions -> segments in seconds (and frames at the config's rate).
+
+    Regions of other controls are ignored. A timelinelabels region that is malformed (not an object, a range
+    without integer 1-based ``start`` <= ``end``, a label the config does not have) raises RegionError naming
+    it: a round skips that annotation rather than train on a guess."""
+    if not isinstance(regions, list):
+        raise RegionError(f"an annotation's result must be a list, got {type(regions).__name__}")
     out = []
     for r in regions:
+        if not isinstance(r, dict):
+            raise RegionError(f"a region must be an object, got {type(r).__name__}")
         if r.get("type") != "timelinelabels" or r.get("from_name") != config.from_name:
             continue
-        value = r.get("value") or {}
-        for label in value.get("timelinelabels", []):
-            for rng in value.get("ranges", []):
-                first, last = int(rng["start"]), int(rng["end"])
+        name = f"region {r.get('id', '?')}"
+        value = r.get("value")
+        if not isinstance(value, dict):
+            raise RegionError(f"{name}: 'value' must be an object")
+        labels, ranges = value.get("timelinelabels"), value.get("ranges")
+        if not isinstance(labels, list) or not isinstance(ranges, list) or not labels or not ranges:
+            raise RegionError(f"{name}: 'timelinelabels' and 'ranges' must be non-empty lists")
+        for label in labels:
+            if not isinstance(label, str) or label not in config.label_names:
+                raise RegionError(f"{name}: label {label!r} is not one of the project's {config.label_names}")
+            for rng in ranges:
+                if not isinstance(rng, dict):
+                    raise RegionError(f"{name}: a range must be an object")
+                first, last = _frame(rng.get("start"), f"{name} start"), _frame(rng.get("end"), f"{name} end")
+                if last < first:
+                    raise RegionError(f"{name}: the range ends (frame {last}) before it starts ({first})")
                 start_s, end_s = frames_to_seconds(first, last, config.frame_rate)
                 out.append(
                     {

@@ -98,17 +98,20 @@ def window_examples(
 
 
 def _predict(
-    model, snapshot: Snapshot, video_ids: list[str], prelabel: PrelabelSettings
+    model, snapshot: Snapshot, video_ids: list[str], prelabel: PrelabelSettings, failed: dict[str, str]
 ) -> dict[str, PrelabelResult]:
-    """Each validation video's pre-labels (segments only for the labels it was checked for), by video id."""
+    """Each readable validation video's pre-labels (segments only for the labels it was checked for), by
+    video id; a video that cannot be read goes into ``failed`` (id -> reason) instead."""
     by_id = {v.video_id: v for v in snapshot.videos}
     results = prelabel_videos(model, [by_id[i].video for i in video_ids], snapshot.labels, prelabel)
-    failed = [r.error for r in results if r.error]
-    if failed:
-        raise RuntimeError(f"{len(failed)} validation videos failed: {failed[:3]}")
+    out = {}
     for i, r in zip(video_ids, results, strict=True):
+        if r.error:
+            failed[i] = f"{by_id[i].video}: {r.error}"
+            continue
         r.segments = [x for x in r.segments if by_id[i].checked_for(x.label)]
-    return dict(zip(video_ids, results, strict=True))
+        out[i] = r
+    return out
 
 
 THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.1, 0.91, 0.05))
@@ -252,9 +255,10 @@ def run_round(
             save_model(model, candidate_dir, version=name)
             candidate = load_model(candidate_dir, device=s.device, dtype=s.dtype)
             labels = [label.name for label in snapshot.labels]
-            gt = {i: by_id[i].segments for i in val_ids}
-            cand_results = _predict(candidate, snapshot, val_ids, p)
+            unreadable: dict[str, str] = {}
+            cand_results = _predict(candidate, snapshot, val_ids, p, unreadable)
             del candidate
+            gt = {i: by_id[i].segments for i in cand_results}
             if s.tune_thresholds and asked.high is None and not asked.thresholds:
                 defaults["thresholds"] = tune_thresholds(cand_results, gt, labels, p)
                 set_prelabel_defaults(candidate_dir, defaults)
@@ -265,9 +269,19 @@ def run_round(
             }
             serving_model = load_model(serving_dir, device=s.device, dtype=s.dtype)
             serve_preds = {
-                i: r.segments for i, r in _predict(serving_model, snapshot, val_ids, asked).items()
+                i: r.segments
+                for i, r in _predict(serving_model, snapshot, list(cand_preds), asked, unreadable).items()
             }
             del serving_model
+            # a validation video that cannot be read is left out of both sides, with its reason
+            val_ids = [i for i in val_ids if i in cand_preds and i in serve_preds]
+            for i, reason in unreadable.items():
+                log.warning("round %s: validation video skipped: %s", name, reason)
+                skipped[i] = reason
+            if not val_ids:
+                raise ValueError(f"no validation video could be read: {list(unreadable.values())[:3]}")
+            cand_preds = {i: cand_preds[i] for i in val_ids}
+            gt = {i: by_id[i].segments for i in val_ids}
             cand_metrics = evaluate(cand_preds, gt, labels=labels).to_dict()
             serve_metrics = evaluate(serve_preds, gt, labels=labels).to_dict()
             gain, interval = bootstrap_gain(

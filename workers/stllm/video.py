@@ -42,6 +42,27 @@ class VideoInfo:
     variable_frame_rate: bool
 
 
+# FFmpeg opens local files only, with the demuxers of video containers: a file whose bytes are a playlist
+# (HLS, concat, image sequences...) or an SDP description is refused instead of fetching what it names.
+VIDEO_DEMUXERS = (
+    "mov,mp4,m4a,3gp,3g2,mj2",  # MP4 / QuickTime family (one demuxer, these names)
+    "matroska,webm",
+    "avi",
+    "mpegts",
+    "mpeg",
+    "flv",
+    "ogg",
+    "asf",
+    "gif",
+    "mjpeg",
+    "h264",
+    "hevc",
+    "m4v",
+    "yuv4mpegpipe",
+)
+OPEN_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(VIDEO_DEMUXERS)}
+
+
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
     p = Path(path)
     if not p.exists():
@@ -51,9 +72,11 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     if not os.access(p, os.R_OK):
         raise VideoError(path, "permission denied")
     try:
-        container = av.open(str(p))
-    except av.error.FFmpegError as e:  # corrupt header, unknown container, truncated file
-        raise VideoError(path, f"not a readable video container ({e.__class__.__name__}: {e})") from e
+        container = av.open(str(p), options=OPEN_OPTIONS)
+    except av.error.FFmpegError as e:  # corrupt header, unknown or refused container, truncated file
+        raise VideoError(
+            path, f"not a readable video container of an allowed format ({e.__class__.__name__}: {e})"
+        ) from e
     if not container.streams.video:
         container.close()
         raise VideoError(path, "has no video stream")
