@@ -280,6 +280,7 @@ def test_queued_jobs_carry_the_api_key_only_when_allowed(backend, monkeypatch, s
 
     _, settings, _ = backend
     settings.ls_url, settings.ls_api_key, settings.send_key = "http://ls:8080", "secret-key", send_key
+    monkeypatch.setenv("STLLM_BROKER_URL", "redis://127.0.0.1:1/0")  # through a broker (nothing is sent here)
     sent = {}
     monkeypatch.setattr(
         pool, "submit_prelabel", lambda videos, labels, sink: sent.update(sink.model_dump()) or "job"

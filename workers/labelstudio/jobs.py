@@ -13,6 +13,12 @@ from workers.pool.app import broker_url
 from workers.schemas import LabelStudioCorrections, LabelStudioSinkSpec, RoundRequest, RoundSettings
 
 
+def _may_carry_key(settings: BackendSettings) -> bool:
+    """Whether a job may carry the API key: in the embedded default (nothing goes through a broker), or where
+    STLLM_LS_SEND_KEY=1 opts in; by default the key stays out of Redis and workers use their own."""
+    return settings.send_key or broker_url() is None
+
+
 def enqueue_prelabel(
     tasks: list[dict],
     label_config: str,
@@ -43,7 +49,7 @@ def enqueue_prelabel(
         config=label_config,
         tasks=videos,
         url=url,
-        api_key=key if settings.send_key else None,  # else workers use their own LABEL_STUDIO_API_KEY
+        api_key=key if _may_carry_key(settings) else None,  # else workers use their own LABEL_STUDIO_API_KEY
     )
 
     def submit() -> str:
@@ -58,7 +64,7 @@ def enqueue_prelabel(
 def start_round(pulled: dict, settings: BackendSettings) -> str:
     """Submit a fine-tune round on corrections pulled from Label Studio; returns the round's task id. The
     round's worker fetches uploaded media with the API key the job carries (unless STLLM_LS_SEND_KEY=0)."""
-    key = settings.connection()[1] if settings.send_key else None
+    key = settings.connection()[1] if _may_carry_key(settings) else None
     payload = {**pulled, "api_key": key} if key else pulled
     return client.submit_round(
         RoundRequest(

@@ -71,7 +71,8 @@ def _config(url: str | None, hard: int, visibility: int | None) -> dict:
         worker_proc_alive_timeout=120,
         worker_hijack_root_logger=False,
         task_track_started=True,
-        result_extended=True,
+        # results keep no copy of the task's arguments (a job's sink, a Label Studio key): status needs none
+        result_extended=False,
         result_expires=7 * 24 * 3600,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -43,6 +43,24 @@ def _redis():
     return app.backend.client
 
 
+SECRET_FIELDS = ("api_key", "access_token", "password")
+
+
+def _redact(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: "***" if k in SECRET_FIELDS and v else _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
+
+
+def redacted_repr(args: tuple) -> str:
+    """The task arguments as task events show them (Flower, ``celery events``): secrets replaced by ``***``
+    and long arguments cut, so neither a key nor a whole job's sink is copied into every event."""
+    text = repr(_redact(list(args)))
+    return text if len(text) <= 2000 else text[:2000] + "...]"
+
+
 def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -64,7 +82,8 @@ def _submit(kind: str, videos: list[str], args: tuple, sink: SinkSpec | None, ch
         return job_id
     ids = []
     for chunk in chunks:
-        ids.append(task.apply_async((job_id, chunk, *args, sink)).id)
+        payload = (job_id, chunk, *args, sink)
+        ids.append(task.apply_async(payload, argsrepr=redacted_repr(payload), kwargsrepr="{}").id)
     meta = {
         "kind": kind,
         "total": len(videos),
@@ -210,7 +229,8 @@ def submit_round(request: RoundRequest, progress: Callable[[str, dict], None] | 
         return round_id
     from workers.pool import tasks
 
-    return tasks.finetune.apply_async((request.model_dump(mode="json"),)).id
+    payload = (request.model_dump(mode="json"),)
+    return tasks.finetune.apply_async(payload, argsrepr=redacted_repr(payload), kwargsrepr="{}").id
 
 
 def round_status(task_id: str) -> tuple[str, dict]:
