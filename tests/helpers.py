@@ -114,3 +114,28 @@ class Worker:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def video_with_a_silent_last_packet(path, frames: int = 50, fps: int = 24):
+    """An H.264 MP4 whose container holds one packet more than decodes (junk after the last frame)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = {"g": "12", "bf": "0"}
+        stamps = []
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 4, np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                stamps.append((p.pts, p.dts, p.time_base))
+                out.mux(p)
+        for p in s.encode():
+            stamps.append((p.pts, p.dts, p.time_base))
+            out.mux(p)
+        junk = av.Packet(b"\x00\x00\x00\x01\x09" + b"\xff" * 50)
+        junk.stream, junk.time_base = s, stamps[-1][2]
+        junk.pts, junk.dts = max(x[0] for x in stamps) + 1, max(x[1] for x in stamps) + 1
+        out.mux(junk)
+    return path

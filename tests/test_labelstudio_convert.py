@@ -151,3 +151,26 @@ def test_media_sources_by_kind():
     for bad, allowed in (("https://evil.example/a.mp4", frozenset({"cdn.example"})), ("s3://b/a.mp4", None)):
         with pytest.raises(MediaError):
             media_source(bad, 5, None, None if allowed is None else ls, allowed or frozenset())
+
+
+def test_ranges_end_at_the_last_frame_that_decodes(tmp_path):
+    """A region that runs to the end of a video whose container says one frame more than it decodes ends at
+    the last decoded frame at the project's rate (24 without a frameRate), never one after it."""
+    from helpers import video_with_a_silent_last_packet
+
+    from workers.labelstudio.config import parse_label_config
+    from workers.labelstudio.timeline import prediction_from_result
+    from workers.stllm.video import probe
+
+    info = probe(video_with_a_silent_last_packet(tmp_path / "extra.mp4", frames=50, fps=24))
+    config = parse_label_config(
+        '<View><Video name="video" value="$video"/><TimelineLabels name="events" toName="video">'
+        '<Label value="jam"/></TimelineLabels></View>'
+    )
+    result = {
+        "model_version": "v",
+        "meta": {"duration": info.duration, "fps": info.fps},
+        "segments": [{"label": "jam", "start_s": 1.0, "end_s": info.duration + 0.04, "score": 0.9}],
+    }
+    [region] = prediction_from_result(result, config)["result"]
+    assert region["value"]["ranges"] == [{"start": 25, "end": 50}]

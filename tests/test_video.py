@@ -239,3 +239,15 @@ def test_only_local_files_of_video_containers_are_opened(tmp_path):
     finally:
         server.shutdown()
     assert hits == []
+
+
+def test_the_frame_count_is_the_frames_that_decode(tmp_path):
+    """The container says 51 packets, 50 decode: the count and the duration are the decoded frames'."""
+    import av
+    from helpers import video_with_a_silent_last_packet
+
+    path = video_with_a_silent_last_packet(tmp_path / "extra.mp4")
+    with av.open(str(path)) as c:
+        assert sum(1 for p in c.demux(c.streams.video[0]) if p.size) == 51
+    info = probe(path)
+    assert info.n_frames == 50 and info.duration == pytest.approx(50 / 24, abs=1e-6)

@@ -86,24 +86,33 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
 def probe(path: str | os.PathLike) -> VideoInfo:
     """Read a video's frame rate, frame count, duration and size, and detect a variable frame rate.
 
-    The frame count comes from demuxing every packet (no decoding), so it is exact even where the
-    container's header is missing or wrong. A frame rate is variable when packet durations differ by
-    more than 10% from the median.
+    The frame count is the frames that decode: every packet is demuxed (no decoding), so the count is right
+    where the container's header is missing or wrong, and the last keyframe's group is decoded, so packets at
+    the end that decode to nothing (a container can say more than it decodes) are not counted. The duration
+    is that of the decoded frames; every frame-number conversion (windows, Label Studio ranges) uses this one
+    length. A frame rate is variable when packet durations differ by more than 10% from the median.
     """
     container = _open(path)
     try:
         stream = container.streams.video[0]
         tb = float(stream.time_base)
         pts: list[int] = []
+        last_key = None
         try:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
                     pts.append(packet.pts)
+                    if packet.is_keyframe:
+                        last_key = packet.pts
         except av.error.FFmpegError as e:
             raise VideoError(path, f"corrupt stream ({e})") from e
         if not pts:
             raise VideoError(path, "has zero frames")
-        pts_arr = np.sort(np.asarray(pts, dtype=np.float64)) * tb
+        pts.sort()
+        silent = _undecodable_tail(container, stream, last_key, pts)
+        if silent >= len(pts):
+            raise VideoError(path, "has zero frames that decode")
+        pts_arr = np.asarray(pts[: len(pts) - silent], dtype=np.float64) * tb
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if len(pts_arr) > 1:
             deltas = np.diff(pts_arr)
@@ -128,6 +137,27 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         )
     finally:
         container.close()
+
+
+def _undecodable_tail(container, stream, last_key: int | None, pts: list[int]) -> int:
+    """How many packets from the last keyframe on decode to no frame (0 where that cannot be checked). Costs
+    one group of pictures, whatever the video's length."""
+    if last_key is None:
+        return 0
+    tail = sum(p >= last_key for p in pts)
+    decoded = 0
+    try:
+        container.seek(last_key, stream=stream, backward=True, any_frame=False)
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.pts < last_key and packet.size:
+                continue
+            try:
+                decoded += sum(f.pts is None or f.pts >= last_key for f in packet.decode())
+            except av.error.FFmpegError:  # a packet that does not decode: not a frame
+                continue
+    except av.error.FFmpegError:  # not seekable: keep the packet count
+        return 0
+    return max(0, tail - decoded)
 
 
 def segment_times(
