@@ -133,10 +133,15 @@ def store(tmp_path_factory, tiny_spec):
 
 
 @pytest.fixture(scope="module")
-def pool(redis_server, store, model_dir, tmp_path_factory):
-    """A prediction worker and a rounds worker following the model store."""
+def pool(redis_server, store, model_dir, label_studio, tmp_path_factory):
+    """A prediction worker and a rounds worker following the model store, with their own Label Studio key
+    (jobs do not carry it through Redis)."""
     logs = tmp_path_factory.mktemp("ls-workers")
-    env = {"STLLM_MODEL_STORE": str(store.root)}
+    env = {
+        "STLLM_MODEL_STORE": str(store.root),
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+    }
     started = [  # each with its own media cache, so that each download is its own
         Worker("lsw", model_dir, logs / "lsw.log", {**env, "STLLM_MEDIA_CACHE": str(logs / "cache-w")}),
         Worker(
@@ -354,7 +359,7 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     for t in label_studio.tasks(project):
         assert served in t["prediction_versions"], t
 
-    # its correction goes into the next round: the rounds worker fetches the upload with the key the job carries
+    # its correction goes into the next round: the rounds worker fetches the upload with its own key
     task_id = uploaded[0]["id"]
     for t in tasks:
         ls.annotations.create(id=t["id"], result=[_region(2, 12, "hand")])
@@ -374,3 +379,32 @@ def test_prelabel_command_covers_uploads_fetched_with_the_api_key(label_studio, 
     assert (
         TOKEN not in json.dumps(frozen) and TOKEN not in (backend["state"] / "corrections.jsonl").read_text()
     )
+
+
+def test_a_bad_annotation_never_blocks_a_round_and_presses_coalesce(label_studio, backend, store, media):
+    """On the real server: one annotation with a reversed range and one starting at frame 0 are skipped with
+    their reasons and the round runs on the rest; three presses of "Start Training" make one round."""
+    ls = label_studio.client
+    project, tasks = _project_with_media(label_studio, media, "line QA, bad annotations")
+    bad = {tasks[0]["id"]: _region(20, 5, "jam"), tasks[1]["id"]: _region(0, 5, "hand")}
+    for t in tasks:
+        ls.annotations.create(id=t["id"], result=[bad.get(t["id"], _region(5, 20, "jam"))])
+    connected = _stllm(
+        backend, "labelstudio", "connect", "--project", project, "--backend-url", backend["url"]
+    )
+    assert connected.returncode == 0, connected.stderr
+    ml = list(ls.ml.list(project=project))[0]
+    expected = _next_round(store)
+    for _ in range(3):
+        ls.ml.train(id=ml.id)
+
+    def ours() -> list[dict]:
+        return [r for r in _events(backend, "ROUND_SUBMITTED") if r["project"] == project]
+
+    submitted = _wait("a round submitted", ours, timeout=60)[0]
+    assert submitted["tasks"] == 4
+    reasons = {x["task"]: x["reason"] for x in submitted["skipped"]}
+    assert set(reasons) == set(bad) and "before it starts" in reasons[tasks[0]["id"]]
+    assert "from 1" in reasons[tasks[1]["id"]]
+    _wait(f"{expected} recorded", lambda: expected in store.read()["versions"], timeout=240, poll=1.0)
+    assert len(ours()) == 1  # the three presses made one round

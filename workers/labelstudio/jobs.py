@@ -63,7 +63,7 @@ def enqueue_prelabel(
 
 def start_round(pulled: dict, settings: BackendSettings) -> str:
     """Submit a fine-tune round on corrections pulled from Label Studio; returns the round's task id. The
-    round's worker fetches uploaded media with the API key the job carries (unless STLLM_LS_SEND_KEY=0)."""
+    round's worker fetches uploaded media with its own LABEL_STUDIO_API_KEY (or the job's, see _may_carry_key)."""
     key = settings.connection()[1] if _may_carry_key(settings) else None
     payload = {**pulled, "api_key": key} if key else pulled
     return client.submit_round(
