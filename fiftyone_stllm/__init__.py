@@ -65,10 +65,13 @@ def _record_run(ctx, kind: str, job_id: str, settings: dict) -> None:
     ds.save()
 
 
-def _target_samples(ctx) -> tuple[list[str], dict[str, str]]:
+def _target_samples(ctx) -> tuple[list[str], dict[str, list[str]]]:
+    """The target view's distinct video files (each decoded once) and, per file, the ids of its samples."""
     view = ctx.target_view()
-    ids, paths = view.values("id"), view.values("filepath")
-    return paths, dict(zip(paths, ids, strict=True))
+    ids: dict[str, list[str]] = {}
+    for sid, path in zip(view.values("id"), view.values("filepath"), strict=True):
+        ids.setdefault(path, []).append(sid)
+    return list(ids), ids
 
 
 class _PoolOperator(foo.Operator):

@@ -223,3 +223,36 @@ def test_a_round_from_the_operator_reports_its_stages_steps_and_loss(
         len(ModelStore(store.root).read()["versions"]) == 2
         and "corrupt" not in (store.root / snapshot).read_text()
     )
+
+
+def test_samples_on_one_file_all_get_results_and_a_failed_rerun_keeps_the_answer(
+    fiftyone, embedded, video_dataset
+):
+    """Two samples on the same video file each get its pre-labels (decoded once); an ask rerun whose video
+    now fails sets the error and keeps each sample's earlier answer, detections and metadata."""
+    from pathlib import Path
+
+    from fiftyone import ViewField as F
+
+    fo = fiftyone
+    ds, records, _ = video_dataset
+    path = records[0]["video"]
+    ds.add_sample(fo.Sample(filepath=path))
+    assert run(fiftyone, "prelabel_events", ds, labels=["jam"], output_field="pred", high=0.0).error is None
+    assert run(fiftyone, "ask_videos", ds, question="Is the line jammed?", output_field="qa").error is None
+    ds.reload()
+    twins = ds.match(F("filepath") == path)
+    assert len(twins) == 2 and all(len(s["pred"].detections) == 1 and s["qa"] for s in twins)
+    before = {s.id: (s["qa"], s["qa_p_yes"], len(s["pred"].detections)) for s in twins}
+    saved = Path(path).read_bytes()
+    Path(path).write_bytes(b"no longer a video")
+    try:
+        assert (
+            run(fiftyone, "ask_videos", ds, question="Is the line jammed?", output_field="qa").error is None
+        )
+    finally:
+        Path(path).write_bytes(saved)
+    ds.reload()
+    for s in ds.match(F("filepath") == path):
+        assert (s["qa"], s["qa_p_yes"], len(s["pred"].detections)) == before[s.id]
+        assert path in s["qa_error"] and s.metadata is not None and s.metadata.total_frame_count > 0

@@ -79,6 +79,19 @@ def test_predict_enqueues_then_serves_the_workers_predictions(backend):
     assert "media_errors 1" in metrics and "tasks_enqueued 2" in metrics  # nothing queued twice
 
 
+def test_tasks_on_one_video_file_each_get_their_prediction(backend):
+    client, settings, _ = backend
+    tasks = [task(7, "line/line_00800.mp4"), task(8, "line/line_00800.mp4"), task(9, "line/line_00801.mp4")]
+    assert client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).status_code == 200
+    cache = JsonlSink(settings.state / "predictions.jsonl")
+    deadline = time.monotonic() + 60
+    while len(cache.read()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    made = {r["task"]: r["prediction"] for r in cache.read()}
+    assert set(made) == {7, 8, 9} and made[7] == made[8]
+    assert "tasks_enqueued 3" in client.get("/metrics").text
+
+
 ANNOTATION = {
     "id": 41,
     "task": 1,

@@ -97,6 +97,74 @@ def test_a_killed_worker_task_is_redelivered_and_completes_once(workers_factory,
     print(f"SIGKILL to completion elsewhere: {time.monotonic() - killed_at:.1f}s")
 
 
+def _pool_children(worker) -> list[int]:
+    """The prefork pool processes of a worker (the OOM killer's victims: the main process lives on)."""
+    main = worker.procs[0].pid
+    out = []
+    for pid in open(f"/proc/{main}/task/{main}/children").read().split():
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "spawn_main" in cmd and "resource_tracker" not in cmd:  # not multiprocessing's tracker
+            out.append(int(pid))
+    return out
+
+
+def _wait_running(job) -> None:
+    deadline = time.monotonic() + 60
+    while client.status(job).state == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.status(job).state == "RUNNING"
+
+
+def test_a_killed_pool_child_is_retried_and_every_video_finishes(workers_factory, long_videos, tmp_path):
+    """SIGKILL to the prefork child only (what the OOM killer does): the task runs again on the respawned
+    child, keeps what was finished and completes every video once."""
+    worker = workers_factory("childkill")
+    worker.wait_ready()
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    job = client.submit_prelabel(
+        long_videos, ["jam", "hand"], sink=JsonlSinkSpec(path=str(sink.path)), chunk_size=len(long_videos)
+    )
+    _wait_running(job)
+    [child] = _pool_children(worker)
+    os.kill(child, signal.SIGKILL)
+    killed_at = time.monotonic()
+    st = client.wait(job, timeout=240, poll=0.2)
+    assert (st.done, st.failed) == (len(long_videos), 0), st
+    assert sorted(r["video"] for r in sink.read()) == sorted(long_videos)
+    assert worker.procs[0].poll() is None and _pool_children(worker) != [child]  # a new child, same worker
+    print(f"child SIGKILL to completion: {time.monotonic() - killed_at:.1f}s")
+
+
+def test_a_video_that_kills_its_process_every_time_fails_alone(workers_factory, long_videos, redis_server):
+    """Each time the worker starts the poison video its process is killed: after two deaths on it, it fails
+    with an error naming it and the chunk's other videos finish; nothing loops."""
+    from redis import Redis as Client
+
+    worker = workers_factory("poison")
+    worker.wait_ready()
+    poison = 1
+    job = client.submit_prelabel(long_videos, ["jam"], chunk_size=len(long_videos))
+    _wait_running(job)
+    redis, kills, seen = Client(port=redis_server.port), 0, 0
+    deadline = time.monotonic() + 300
+    while not client.status(job).finished and time.monotonic() < deadline:
+        for key in redis.scan_iter("stllm:task:*"):
+            starts = int(redis.hget(key, f"a:{poison}") or 0)
+            if starts > seen and not redis.hexists(key, f"r:{poison}") and starts <= 2:
+                seen = starts
+                for child in _pool_children(worker):
+                    os.kill(child, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.01)
+    st = client.status(job)
+    assert kills == 2 and (st.done, st.failed) == (len(long_videos) - 1, 1), (kills, st)
+    [error] = st.errors
+    assert long_videos[poison] in error and "died" in error
+
+
 def test_a_job_survives_a_redis_restart_while_queued(redis_server, workers_factory, videos):
     good, _ = videos
     job = client.submit_prelabel(good[:2], ["jam"], chunk_size=1)  # queued: no worker yet
@@ -277,3 +345,27 @@ def test_stllm_up_starts_redis_a_worker_and_the_labelstudio_backend_and_stops_th
     for p in (port, ls_port):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", p), timeout=0.5).close()
+
+
+def test_broker_messages_do_not_grow_with_the_job(redis_server):
+    """Each task carries its own videos and their part of the sink's mapping; what the job shares is stored
+    once. 40 and 400 videos: the same message size (no worker runs: the messages stay queued)."""
+    from redis import Redis as Client
+
+    from workers.schemas import FiftyOneSinkSpec
+
+    r = Client(port=redis_server.port)
+    sizes = {}
+    for n in (40, 400):
+        r.flushall()
+        videos = [f"/data/line/shift-{i:06d}.mp4" for i in range(n)]
+        ids = {v: [f"{i:024x}"] for i, v in enumerate(videos)}
+        sink = FiftyOneSinkSpec(dataset="line", field="events", job="prelabel", ids=ids)
+        job = client.submit_prelabel(videos, ["jam", "hand"], sink=sink, chunk_size=4)
+        messages = r.lrange("prelabel", 0, -1)
+        assert len(messages) == n // 4
+        sizes[n] = max(len(m) for m in messages)
+        shared = r.get(f"stllm:job:{job}:shared")
+        assert shared is not None and b"shift-000001" not in shared  # the mapping is not in the shared part
+    assert sizes[400] - sizes[40] <= 16, sizes  # only the digits of longer ids differ
+    r.flushall()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -126,7 +128,7 @@ def test_a_failure_mid_training_leaves_serving_unchanged(store, snapshot, monkey
         run_round(store, snapshot, quick_settings())
     assert json.loads(store.registry_path.read_text()) == before
     assert not (store.root / "versions" / "round-1").exists()
-    assert not (store.root / "round.lock").exists()
+    _assert_lock_free(store)
     # the checkpoint at step 3 survives: the rerun resumes and finishes
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert (store.root / "work" / "round-1" / "checkpoint.pt").exists()
@@ -134,12 +136,75 @@ def test_a_failure_mid_training_leaves_serving_unchanged(store, snapshot, monkey
     assert "round-1" in store.read()["versions"]
 
 
+def test_one_file_never_lands_on_both_sides_of_the_split():
+    """Corrections of several tasks or samples on one video file are grouped: all train or all validation."""
+    ids = [f"task-{i}" for i in range(60)]
+    files = {i: f"/videos/v{int(i.split('-')[1]) // 3}.mp4" for i in ids}  # three tasks per file
+    train, val = split_ids(ids, 0.25, group=files.__getitem__)
+    assert sorted(train + val) == sorted(ids) and train and val
+    assert not {files[i] for i in train} & {files[i] for i in val}
+    two = ["a", "b"]  # a small snapshot of one file stays on one side
+    assert split_ids(two, 0.25, group=lambda i: "/same.mp4") in ((two, []), ([], two))
+
+
 def test_a_second_concurrent_round_is_refused(store, snapshot):
     with store.round_lock("round-1"):
         with pytest.raises(RoundRunning, match="round-1 is running"):
             run_round(store, snapshot, quick_settings())
-    assert not (store.root / "round.lock").exists()
+    _assert_lock_free(store)
     assert "round-1" not in store.read()["versions"]
+
+
+def _assert_lock_free(store) -> None:
+    with store.round_lock("check"):
+        pass
+
+
+def _hold_lock(root: str, ready, name: str) -> None:
+    from workers.rounds.registry import ModelStore
+
+    with ModelStore(root).round_lock(name):
+        ready.set()
+        time.sleep(600)
+
+
+def _try_lock(root: str, start, out) -> None:
+    from workers.rounds.registry import ModelStore, RoundRunning
+
+    start.wait()
+    try:
+        with ModelStore(root).round_lock("racer"):
+            out.put(1)
+            time.sleep(2)
+    except RoundRunning:
+        out.put(0)
+
+
+def test_the_round_lock_is_released_by_process_death_and_never_shared(store):
+    """flock on a held descriptor: a SIGKILLed holder frees it at once; racing processes get it one at a time."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(store.root), ready, "round-7"))
+    holder.start()
+    assert ready.wait(60)
+    with pytest.raises(RoundRunning, match=f"round-7 is running .*pid {holder.pid}"):
+        _assert_lock_free(store)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    _assert_lock_free(store)  # no stale lock to take over
+    start, out = ctx.Event(), ctx.Queue()
+    racers = [ctx.Process(target=_try_lock, args=(str(store.root), start, out)) for _ in range(4)]
+    for r in racers:
+        r.start()
+    time.sleep(1.0)
+    start.set()
+    wins = sum(out.get(timeout=60) for _ in racers)
+    for r in racers:
+        r.join(30)
+    assert wins == 1
 
 
 def test_same_snapshot_and_seed_give_the_same_adapter(tmp_path, tiny_spec, snapshot):

@@ -12,7 +12,7 @@ import re
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from workers.timecodes import seconds_to_frames
 
@@ -209,24 +209,40 @@ class JsonlSinkSpec(BaseModel):
     path: str
 
 
+def _as_lists(mapping: dict) -> dict:
+    """video -> [ids]: several samples or tasks may share one video file (a single id is accepted too)."""
+    return {k: v if isinstance(v, list) else [v] for k, v in mapping.items()}
+
+
 class FiftyOneSinkSpec(BaseModel):
-    """Results onto a FiftyOne dataset's samples. ``ids``: video path -> sample id."""
+    """Results onto a FiftyOne dataset's samples. ``ids``: video path -> the ids of the samples on it."""
 
     kind: Literal["fiftyone"] = "fiftyone"
     dataset: str
     field: str
     job: Literal["prelabel", "ask"]
-    ids: dict[str, str]
+    ids: dict[str, list[str]]
+
+    @field_validator("ids", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _as_lists(value) if isinstance(value, dict) else value
 
 
 class LabelStudioSinkSpec(BaseModel):
     """Pre-labels for Label Studio tasks, kept in the backend's cache (``path``) and pushed when ``url`` is set.
-    ``tasks``: video source -> task id; ``config``: the project's label config XML."""
+    ``tasks``: video source -> the ids of the tasks on it; ``config``: the project's label config XML."""
 
     kind: Literal["labelstudio"] = "labelstudio"
     path: str
     config: str
-    tasks: dict[str, int]
+    tasks: dict[str, list[int]]
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _as_lists(value) if isinstance(value, dict) else value
+
     url: str | None = None
     api_key: str | None = None
 

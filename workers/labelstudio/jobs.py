@@ -37,9 +37,8 @@ def enqueue_prelabel(
     for t in tasks:
         try:
             source = (t.get("data") or {}).get(config.video_key, "")
-            videos[media_source(source, t["id"], settings.document_root, url, settings.allowed_hosts)] = t[
-                "id"
-            ]
+            where = media_source(source, t["id"], settings.document_root, url, settings.allowed_hosts)
+            videos.setdefault(where, []).append(t["id"])  # tasks on one file: decoded once, each predicted
         except MediaError as e:
             skipped.append({"task": t["id"], "reason": str(e)})
     if not videos:

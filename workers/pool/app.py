@@ -56,6 +56,10 @@ def _config(url: str | None, hard: int, visibility: int | None) -> dict:
         },
         task_acks_late=True,
         worker_prefetch_multiplier=1,
+        # A task whose process died (the OOM killer takes the prefork child) is sent again as a retry
+        # (task_retry_on_worker_lost, as Celery 5.7's worker/request.py reads it) up to the task's
+        # max_retries; it resumes at the video it died on and a video that kills it twice fails alone
+        # (workers.pool.tasks._run).
         task_reject_on_worker_lost=False,
         task_retry_on_worker_lost=True,
         task_time_limit=hard,

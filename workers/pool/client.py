@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.pool.app import app, broker_url, round_app
+from workers.pool.shared import SHARED_KEY, split_sink
 from workers.schemas import AskSettings, PrelabelSettings, RoundRequest, SinkSpec, parse_labels
 from workers.settings import current
 
@@ -80,10 +81,27 @@ def _submit(kind: str, videos: list[str], args: tuple, sink: SinkSpec | None, ch
         summaries = [task.run(job_id, chunk, *args, sink) for chunk in chunks]
         _local_jobs[job_id] = {"kind": kind, "total": len(videos), "summaries": summaries}
         return job_id
+    # What every task shares (labels, settings, the sink without its per-video mapping) is stored once per
+    # job; each task carries only its videos and their part of the mapping: messages stay the same size
+    # however large the job.
+    common, field = split_sink(sink)
+    _redis().set(
+        SHARED_KEY.format(job_id),
+        json.dumps({"args": list(args), "sink": common}),
+        ex=app.conf.result_expires,
+    )
     ids = []
     for chunk in chunks:
-        payload = (job_id, chunk, *args, sink)
-        ids.append(task.apply_async(payload, argsrepr=redacted_repr(payload), kwargsrepr="{}").id)
+        mapping = {v: sink[field][v] for v in chunk if v in sink[field]} if field else None
+        kwargs = {"shared": True, "mapping": mapping}
+        ids.append(
+            task.apply_async(
+                (job_id, chunk),
+                kwargs,
+                argsrepr=redacted_repr((job_id, chunk)),
+                kwargsrepr=repr(kwargs)[:2000],
+            ).id
+        )
     meta = {
         "kind": kind,
         "total": len(videos),

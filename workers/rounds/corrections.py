@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +47,27 @@ def split_of(video_id: str, validation_fraction: float = 0.25) -> str:
     return "validation" if _unit_hash(video_id) < validation_fraction else "train"
 
 
-def split_ids(video_ids: list[str], validation_fraction: float = 0.25) -> tuple[list[str], list[str]]:
-    """(train, validation) ids by :func:`split_of`. When the hash leaves one side empty and there are at least
-    two videos, the video with the lowest hash is validation (or the one with the highest is training), so a
-    small snapshot still gives a round both; the choice stays stable as the snapshot grows."""
-    train = [i for i in video_ids if split_of(i, validation_fraction) == "train"]
-    val = [i for i in video_ids if split_of(i, validation_fraction) == "validation"]
-    if len(video_ids) >= 2 and not val:
+def split_ids(
+    video_ids: list[str], validation_fraction: float = 0.25, group: Callable[[str], str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(train, validation) ids by :func:`split_of`. ``group`` maps an id to what must stay on one side (the
+    video file: two tasks or samples on one file never land on both sides); default: each id alone. When
+    the hash leaves one side empty and there are at least two groups, the group with the lowest hash is
+    validation (or the one with the highest is training), so a small snapshot still gives a round both; the
+    choice stays stable as the snapshot grows."""
+    key = group or (lambda i: i)
+    groups: dict[str, list[str]] = {}
+    for i in video_ids:
+        groups.setdefault(key(i), []).append(i)
+    train = [g for g in groups if split_of(g, validation_fraction) == "train"]
+    val = [g for g in groups if split_of(g, validation_fraction) == "validation"]
+    if len(groups) >= 2 and not val:
         first = min(train, key=_unit_hash)
-        train, val = [i for i in train if i != first], [first]
-    elif len(video_ids) >= 2 and not train:
+        train, val = [g for g in train if g != first], [first]
+    elif len(groups) >= 2 and not train:
         last = max(val, key=_unit_hash)
-        train, val = [last], [i for i in val if i != last]
-    return train, val
+        train, val = [last], [g for g in val if g != last]
+    return [i for g in train for i in groups[g]], [i for g in val for i in groups[g]]
 
 
 def accumulate(previous: Snapshot | None, new: Snapshot) -> Snapshot:

@@ -3,7 +3,7 @@
     <store>/registry.json       {"base": ref, "serving": name, "versions": {name: {...}}}
     <store>/versions/<name>/    a saved model directory (base, round-1, round-2, ...)
     <store>/snapshots/<id>.json frozen corrections a round trained on
-    <store>/round.lock          present while a round runs: one round at a time
+    <store>/round.lock          flock-ed while a round runs (one round at a time); names the holder
 
 Updates are atomic (write a temporary file, rename it over the old one) and serialised by a file lock, so
 readers always see a whole registry and a failed round never changes what is served. Imports no torch.
@@ -133,41 +133,36 @@ class ModelStore:
     @contextlib.contextmanager
     def round_lock(self, name: str) -> Iterator[None]:
         """Hold the store's round lock while ``name`` runs; a second round gets :class:`RoundRunning`.
-        A lock left by a dead process on this host is taken over."""
+
+        The lock is ``flock`` on a descriptor this process holds open: the kernel releases it when the
+        process ends however it ends (a kill, an OOM kill), so there is no stale lock to take over, and two
+        processes can never both hold it. The file names the holder, for the message."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "round.lock"
         record = {"round": name, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
+        f = open(path, "a+")
+        try:
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
                 try:
-                    held = json.loads(path.read_text())
-                except (OSError, ValueError):
+                    held = json.loads(f.read() or "{}")
+                except ValueError:
                     held = {}
-                if held.get("host") == record["host"] and not _alive(held.get("pid", -1)):
-                    path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
                 since = time.strftime("%H:%M:%S", time.localtime(held.get("since", 0)))
                 raise RoundRunning(
-                    f"{held.get('round', 'a round')} is running (since {since}); wait for it"
+                    f"{held.get('round', 'a round')} is running (since {since}, pid {held.get('pid', '?')} on "
+                    f"{held.get('host', '?')}); wait for it"
                 ) from None
-        else:
-            raise RoundRunning("could not take the round lock")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        try:
-            yield
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps(record))
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()  # not held: the next holder writes its own record
         finally:
-            path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+            f.close()  # releases the lock

@@ -19,6 +19,7 @@ A round that fails anywhere leaves the registry and the served version as they w
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import numpy as np
 
 from workers.events import covered_share, windows
 from workers.jobs import decode_side, decode_windows, encode_video, prelabel_videos, result_segments
+from workers.media import is_remote
 from workers.rounds.corrections import accumulate, choose_windows, load_snapshot, save_snapshot, split_ids
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import bootstrap_gain, decide
@@ -189,7 +191,11 @@ def run_round(
             p = asked.resolved(chosen if asked.window_s is None else None)
             s = s.model_copy(update={"prelabel": p})
             ids = [v.video_id for v in snapshot.videos]
-            train_ids, val_ids = split_ids(ids, s.validation_fraction)
+            files = {
+                v.video_id: os.path.realpath(v.video) if not is_remote(v.video) else v.video
+                for v in snapshot.videos
+            }
+            train_ids, val_ids = split_ids(ids, s.validation_fraction, group=files.__getitem__)
             if not train_ids or not val_ids:
                 raise ValueError(
                     f"{len(ids)} corrected videos give {len(train_ids)} for training and {len(val_ids)} for "

@@ -32,18 +32,16 @@ class LabelStudioSink:
         cfg = parse_label_config(self.config)
         out = []
         for r in records:
-            task = self.tasks.get(r["video"])
-            if task is None:
-                continue
-            entry = {"video": f"task:{task}", "model_version": r["model_version"], "task": task}
-            if r["error"] is not None:
-                out.append({**entry, "error": r["error"]})
-                continue
-            entry["prediction"] = prediction_from_result(r, cfg)
-            entry["warning"] = timing_warning(r["meta"], cfg)
-            if self.url:
-                entry.update(self._push(task, entry["prediction"], entry["warning"]))
-            out.append(entry)
+            for task in self.tasks.get(r["video"], []):  # every task on this video gets its prediction
+                entry = {"video": f"task:{task}", "model_version": r["model_version"], "task": task}
+                if r["error"] is not None:
+                    out.append({**entry, "error": r["error"]})
+                    continue
+                entry["prediction"] = prediction_from_result(r, cfg)
+                entry["warning"] = timing_warning(r["meta"], cfg)
+                if self.url:
+                    entry.update(self._push(task, entry["prediction"], entry["warning"]))
+                out.append(entry)
         if out:
             self.cache.write(out)
 
