@@ -36,7 +36,10 @@ def main() -> None:
             base = int(r.info("memory")["used_memory"])
             videos = [f"/data/line/shift-{i:06d}.mp4" for i in range(n)]
             sink = FiftyOneSinkSpec(
-                dataset="line", field="events", job="prelabel", ids={v: f"{i:024x}" for i, v in enumerate(videos)}
+                dataset="line",
+                field="events",
+                job="prelabel",
+                ids={v: f"{i:024x}" for i, v in enumerate(videos)},
             )
             client.submit_prelabel(videos, ["jam", "hand", "defect"], sink=sink)
             messages = r.lrange("prelabel", 0, -1)
