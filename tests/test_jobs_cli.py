@@ -77,8 +77,8 @@ def test_a_video_that_breaks_the_model_in_a_batched_group_fails_alone(tiny_model
     good, _ = videos
     decode = jobs.decode_windows
 
-    def two_channel_frames(path, *args):
-        d = decode(path, *args)
+    def two_channel_frames(path, *args, **kwargs):
+        d = decode(path, *args, **kwargs)
         if path == good[1]:  # decodes fine, then the encoder rejects its frames
             d.frames = d.frames[..., :2]
         return d
@@ -205,3 +205,34 @@ def test_ask_encodes_each_videos_frames_once(tiny_model, videos, monkeypatch):
     )
     r = ask_videos(tiny_model, good[:1], "Is the line jammed?", AskSettings(max_new_tokens=2))[0]
     assert r.error is None and len(calls) == 1
+
+
+def test_a_long_video_is_streamed_with_the_same_results(tiny_model, videos, monkeypatch):
+    """Past MAX_FRAMES_IN_MEMORY decoded frames a video is decoded, encoded and scored a few windows at a
+    time, keeping only the global frames' features: the same probabilities and segments as all at once."""
+    import numpy as np
+
+    import workers.jobs as jobs
+
+    good, _ = videos
+    s = PrelabelSettings(window_s=2.0, stride_s=1.0)
+    labels = parse_labels(["jam", "hand"])
+    whole = prelabel_videos(tiny_model, good[:2], labels, s)
+    reads = []
+    real = jobs.read_frames
+    monkeypatch.setattr(
+        jobs, "read_frames", lambda path, times, **k: reads.append(len(times)) or real(path, times, **k)
+    )
+    monkeypatch.setattr(jobs, "MAX_FRAMES_IN_MEMORY", 12)
+    streamed = prelabel_videos(tiny_model, good[:2], labels, s)
+    # the global frames once per video, then parts of 3 windows (12 frames): never the whole video
+    assert max(reads) <= max(12, s.global_frames) and len(reads) > 4
+    for a, b in zip(whole, streamed, strict=True):
+        assert b.error is None and a.windows == b.windows
+        for label in ("jam", "hand"):
+            assert np.allclose(a.window_probs[label], b.window_probs[label], atol=1e-4)
+        assert [(x.label, x.first_frame, x.last_frame) for x in a.segments] == [
+            (x.label, x.first_frame, x.last_frame) for x in b.segments
+        ]
+    asked = ask_videos(tiny_model, good[:1], "Is the line jammed?", AskSettings(max_new_tokens=2))[0]
+    assert asked.error is None and asked.moment is not None

@@ -57,13 +57,23 @@ class DecodedVideo:
 
 
 def decode_windows(
-    path: str, window_s: float, stride_s: float, per_window: int, n_global: int, max_side: int
+    path: str,
+    window_s: float,
+    stride_s: float,
+    per_window: int,
+    n_global: int,
+    max_side: int,
+    info: VideoInfo | None = None,
+    part: slice | None = None,
 ) -> DecodedVideo:
-    """Probe ``path`` and decode, once each, the frames of every window (segment midpoints) and
-    ``n_global`` frames over the whole video, downscaled to ``max_side``. Raises VideoError."""
-    info = probe(path)
+    """Probe ``path`` (unless ``info`` is given) and decode, once each, the frames of every window (segment
+    midpoints) and ``n_global`` frames over the whole video, downscaled to ``max_side``. ``part``: only
+    these windows (``spans`` is then that slice of the video's windows). Raises VideoError."""
+    info = info or probe(path)
     spans = windows(info.duration, window_s, stride_s)
-    wanted = [segment_times(s, e, per_window) for s, e in spans]
+    if part is not None:
+        spans = spans[part]
+    wanted = [segment_times(a, b, per_window) for a, b in spans]
     global_times = segment_times(0.0, info.duration, n_global) if n_global else []
 
     # Frames are identified by number, so windows that share a frame decode it once.
@@ -77,9 +87,70 @@ def decode_windows(
         info=info,
         spans=spans,
         frames=frames,
-        window_index=torch.tensor([[where[frame_no(t)] for t in ts] for ts in wanted]),
+        window_index=torch.tensor([[where[frame_no(t)] for t in ts] for ts in wanted], dtype=torch.long).view(
+            len(wanted), per_window
+        ),
         global_index=torch.tensor([where[frame_no(t)] for t in global_times], dtype=torch.long),
     )
+
+
+# A video whose windows would hold more decoded frames than this is streamed: its windows are decoded,
+# encoded and scored this many frames at a time, keeping only the global frames' features, so a shift-long
+# recording takes the memory of a short one.
+MAX_FRAMES_IN_MEMORY = 512
+
+
+@dataclass
+class LongVideo:
+    """A video to be streamed (see :data:`MAX_FRAMES_IN_MEMORY`): its probe and its windows."""
+
+    path: str
+    info: VideoInfo
+    spans: list[tuple[float, float]]
+
+
+def plan_video(path: str, window_s: float, stride_s: float, per_window: int, n_global: int, max_side: int):
+    """A short video decoded (a DecodedVideo), or a long one to stream (a LongVideo)."""
+    info = probe(path)
+    spans = windows(info.duration, window_s, stride_s)
+    if len(spans) * per_window + n_global > MAX_FRAMES_IN_MEMORY:
+        return LongVideo(path, info, spans)
+    return decode_windows(path, window_s, stride_s, per_window, n_global, max_side, info=info)
+
+
+@torch.inference_mode()
+def stream_probabilities(
+    model: STLLM,
+    video: LongVideo,
+    questions: Sequence[str],
+    window_s: float,
+    stride_s: float,
+    per_window: int,
+    n_global: int,
+    batch: int,
+    max_frames: int | None = None,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """P(yes) of each question in each window of a long video, (W, Q), its windows decoded, encoded and
+    scored ``max_frames`` (default :data:`MAX_FRAMES_IN_MEMORY`) frames at a time: the same probabilities as the whole video at once, in bounded
+    memory. Also returns the global frames' features (G, K, Dv) (None without global frames)."""
+    side = decode_side(model)
+    glob = None
+    if n_global:
+        g = decode_windows(
+            video.path, window_s, stride_s, per_window, n_global, side, video.info, part=slice(0, 0)
+        )
+        glob = model.clip_features(g.frames, g.global_index[None])[0]
+    per_part = max(1, (max_frames or MAX_FRAMES_IN_MEMORY) // per_window)
+    out = []
+    for a in range(0, len(video.spans), per_part):
+        d = decode_windows(
+            video.path, window_s, stride_s, per_window, 0, side, video.info, part=slice(a, a + per_part)
+        )
+        local = model.clip_features(d.frames, d.window_index)
+        features = WindowFeatures(local, glob if glob is not None else local.new_zeros((0, *local.shape[2:])))
+        out.append(window_probabilities(model, d, questions, batch, features=features))
+        del d, local, features
+    return np.concatenate(out), glob
 
 
 _END = object()
@@ -217,8 +288,8 @@ def prelabel_videos(
     questions = [label.question() for label in labels]
     results: list[PrelabelResult] = []
 
-    def decode(path: str) -> DecodedVideo:
-        return decode_windows(
+    def decode(path: str) -> DecodedVideo | LongVideo:
+        return plan_video(
             fetch(path), s.window_s, s.stride_s, s.frames_per_window, s.global_frames, decode_side(model)
         )
 
@@ -232,9 +303,9 @@ def prelabel_videos(
         log.warning("pre-label failed for %s: %s", path, _error_text(e))
         return PrelabelResult(video=str(path), model_version=model.version, error=_error_text(e))
 
-    def finish(path: str, decoded: DecodedVideo, probs: np.ndarray) -> PrelabelResult:
+    def finish(path: str, decoded: DecodedVideo | LongVideo, probs: np.ndarray) -> PrelabelResult:
         try:
-            return _prelabel_result(model, path, decoded, probs, labels, s)
+            return _prelabel_result(model, path, decoded.info, decoded.spans, probs, labels, s)
         except Exception as e:
             return failed(path, e)
 
@@ -260,6 +331,23 @@ def prelabel_videos(
             flush()  # results stay in the order of the videos
             emit(failed(path, decoded))
             continue
+        if isinstance(decoded, LongVideo):
+            flush()
+            try:
+                probs, _ = stream_probabilities(
+                    model,
+                    decoded,
+                    questions,
+                    s.window_s,
+                    s.stride_s,
+                    s.frames_per_window,
+                    s.global_frames,
+                    s.window_batch,
+                )
+                emit(finish(path, decoded, probs))
+            except Exception as e:
+                emit(failed(path, e))
+            continue
         group.append((path, decoded))
         if sum(len(d.window_index) for _, d in group) >= s.window_batch:
             flush()
@@ -270,7 +358,8 @@ def prelabel_videos(
 def _prelabel_result(
     model: STLLM,
     path: str,
-    decoded: DecodedVideo,
+    info: VideoInfo,
+    spans: list[tuple[float, float]],
     probs: np.ndarray,
     labels: Sequence[EventLabel],
     s: PrelabelSettings,
@@ -279,8 +368,8 @@ def _prelabel_result(
     result = PrelabelResult(
         video=str(path),
         model_version=model.version,
-        meta=_meta(decoded.info),
-        windows=decoded.spans,
+        meta=_meta(info),
+        windows=spans,
         window_probs={
             label.name: [round(float(p), 5) for p in probs[:, j]] for j, label in enumerate(labels)
         },
@@ -333,14 +422,11 @@ def ask_videos(
     probe_question = _yes_no_form(question)
     results = []
 
-    def decode(path: str) -> DecodedVideo:
-        return decode_windows(
-            fetch(path),
-            s.window_s,
-            s.stride_s,
-            s.frames_per_window,
-            max(s.global_frames, s.frames),
-            decode_side(model),
+    n_global = max(s.global_frames, s.frames)
+
+    def decode(path: str) -> DecodedVideo | LongVideo:
+        return plan_video(
+            fetch(path), s.window_s, s.stride_s, s.frames_per_window, n_global, decode_side(model)
         )
 
     for path, decoded in prefetch(videos, decode, low_priority=model.device.type == "cpu"):
@@ -348,17 +434,31 @@ def ask_videos(
             if isinstance(decoded, Exception):
                 raise decoded
             info = decoded.info
-            features = encode_video(model, decoded)
-            all_frames = features.global_frames  # (G, K, Dv), uniform over the video
+            if isinstance(decoded, LongVideo):  # streamed: bounded memory however long the video
+                probs, all_frames = stream_probabilities(
+                    model,
+                    decoded,
+                    [probe_question],
+                    s.window_s,
+                    s.stride_s,
+                    s.frames_per_window,
+                    n_global,
+                    32,
+                )
+            else:
+                features = encode_video(model, decoded)
+                all_frames = features.global_frames  # (G, K, Dv), uniform over the video
+                probs = window_probabilities(model, decoded, [probe_question], batch=32, features=features)
+            probs = probs[:, 0]
             g = len(all_frames)
             seg = g / s.frames
             local_idx = [min(g - 1, int(seg / 2 + round(seg * i))) for i in range(s.frames)]  # ST-LLM's pick
-            whole = model.video_tokens(all_frames[local_idx].unsqueeze(0), all_frames.unsqueeze(0))
+            with torch.inference_mode():
+                whole = model.video_tokens(all_frames[local_idx].unsqueeze(0), all_frames.unsqueeze(0))
             answer = model.generate(whole, question, max_new_tokens=s.max_new_tokens)[0]
             p_yes = None
             if is_yes_no_question(question):
                 p_yes = float(model.score(whole, [question], ["yes", "no"]).softmax(-1)[0, 0, 0])
-            probs = window_probabilities(model, decoded, [probe_question], batch=32, features=features)[:, 0]
             best = int(np.argmax(probs))
             start, end = decoded.spans[best]
             first, last = seconds_to_frames(start, end, info.fps, info.n_frames)
