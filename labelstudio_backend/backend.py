@@ -1,6 +1,6 @@
 """What the Label Studio ML backend does for each call, behind the thin routes of ``app.py``.
 
-State lives in ``BackendSettings.state``: the prediction cache the workers fill (``predictions.jsonl``), the
+State lives in ``BackendSettings.state``: the prediction cache the workers fill (``predictions.sqlite``), the
 corrections log (``corrections.jsonl``: one record per annotation and update time, plus round events) and
 the round ledger (``rounds.sqlite``: what counts toward the next round, which rounds were requested).
 Every field a client sends is type-checked where it enters: a wrong type is a 400 naming the field.
@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from labelstudio_backend.ledger import RoundLedger
 from workers.labelstudio.config import parse_label_config
-from workers.labelstudio.jobs import enqueue_prelabel, start_round
+from workers.labelstudio.jobs import PREDICTIONS, enqueue_prelabel, start_round
 from workers.labelstudio.rest import LabelStudioAPI, pull_corrections, pulled_from_tasks
 from workers.labelstudio.settings import BackendSettings
 from workers.pool.client import served_version
-from workers.sinks.files import AppendLog, JsonlSink
+from workers.sinks.files import AppendLog, SqliteStore
 
 log = logging.getLogger("stllm.labelstudio")
 # Label Studio's other webhook actions (a backend's webhook is sent all of them): accepted and ignored.
@@ -101,7 +101,7 @@ class Backend:
     def __init__(self, settings: BackendSettings | None = None):
         self.s = settings or BackendSettings()
         self.s.state.mkdir(parents=True, exist_ok=True)
-        self.predictions = JsonlSink(self.s.state / "predictions.jsonl")
+        self.predictions = SqliteStore(self.s.state / PREDICTIONS)
         self.corrections = AppendLog(self.s.state / "corrections.jsonl")
         self.ledger = RoundLedger(self.s.state / "rounds.sqlite")
         self.metrics: Counter = Counter()
@@ -134,7 +134,7 @@ class Backend:
             if url is not None and not isinstance(url, str):
                 raise BadRequest(f"task {t['id']}: the video URL must be a string, got {type(url).__name__}")
         version = served_version()
-        cached = {(r["video"], r["model_version"]): r for r in self.predictions.read()}
+        cached = self.predictions.get([(f"task:{t['id']}", version) for t in tasks])  # these tasks' rows only
         results, missing, now = [], [], time.time()
         for t in tasks:
             hit = cached.get((f"task:{t['id']}", version))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -139,3 +141,26 @@ def video_with_a_silent_last_packet(path, frames: int = 50, fps: int = 24):
         junk.pts, junk.dts = max(x[0] for x in stamps) + 1, max(x[1] for x in stamps) + 1
         out.mux(junk)
     return path
+
+
+class StubServer:
+    """A loopback HTTP server whose handler is a function of the request; it records what it was sent."""
+
+    def __init__(self, respond):
+        self.seen: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.seen.append({"path": self.path, "auth": self.headers.get("Authorization")})
+                respond(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()

@@ -10,7 +10,7 @@ from labelstudio_backend.app import create_app
 from labelstudio_backend.backend import corrections_log
 from workers.labelstudio.media import MediaError, resolve_local
 from workers.labelstudio.settings import BackendSettings
-from workers.sinks import JsonlSink
+from workers.sinks.files import SqliteStore
 from workers.tools.linevideo import generate_dataset
 
 CONFIG = """<View><Video name="video" value="$video" frameRate="10"/>
@@ -64,7 +64,7 @@ def test_predict_enqueues_then_serves_the_workers_predictions(backend):
     # nothing made yet, and never computed in the request: an empty list per task, which Label Studio stores
     # as no prediction at all (an empty prediction would mark the task as done for this version)
     assert first.json["results"] == [[], [], []]
-    cache = JsonlSink(settings.state / "predictions.jsonl")
+    cache = SqliteStore(settings.state / "predictions.sqlite")
     deadline = time.monotonic() + 60
     while len(cache.read()) < 2 and time.monotonic() < deadline:  # made beside the request
         time.sleep(0.3)
@@ -83,7 +83,7 @@ def test_tasks_on_one_video_file_each_get_their_prediction(backend):
     client, settings, _ = backend
     tasks = [task(7, "line/line_00800.mp4"), task(8, "line/line_00800.mp4"), task(9, "line/line_00801.mp4")]
     assert client.post("/predict", json={"tasks": tasks, "label_config": CONFIG}).status_code == 200
-    cache = JsonlSink(settings.state / "predictions.jsonl")
+    cache = SqliteStore(settings.state / "predictions.sqlite")
     deadline = time.monotonic() + 60
     while len(cache.read()) < 3 and time.monotonic() < deadline:
         time.sleep(0.3)

@@ -4,13 +4,12 @@ surface accepts, and rounds that no bad annotation blocks and that count correct
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import multiprocessing
-import threading
 import time
 
 import pytest
+from helpers import StubServer
 
 from labelstudio_backend.app import create_app
 from labelstudio_backend.backend import Backend, corrections_log
@@ -100,29 +99,6 @@ def test_the_environment_key_goes_only_to_the_environment_label_studio(monkeypat
 # ---------------------------------------------------------------------------------------- 2, 3. media
 
 
-class _Server:
-    """A loopback HTTP server whose handler is a function of the request; it records what it was sent."""
-
-    def __init__(self, respond):
-        self.seen: list[dict] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.seen.append({"path": self.path, "auth": self.headers.get("Authorization")})
-                respond(self)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-
-
 @pytest.fixture()
 def media_env(tmp_path, monkeypatch):
     import workers.media as media
@@ -151,14 +127,14 @@ def test_the_cloud_resolver_redirect_drops_the_key_and_private_targets_are_refus
         h.end_headers()
         h.wfile.write(body)
 
-    bucket = _Server(bucket_respond)
+    bucket = StubServer(bucket_respond)
 
     def ls_respond(h):
         h.send_response(303)
         h.send_header("Location", f"{bucket.url}/bucket/v.mp4?X-Amz-Signature=abc")
         h.end_headers()
 
-    ls = _Server(ls_respond)
+    ls = StubServer(ls_respond)
     try:
         media_env.register_key(ls.url, "secret-key")
         source = media_source("s3://bucket/v.mp4", 7, None, ls.url)
@@ -180,7 +156,7 @@ def test_the_cloud_resolver_redirect_drops_the_key_and_private_targets_are_refus
         h.send_header("Location", h.path + "x")
         h.end_headers()
 
-    loop = _Server(loop_respond)
+    loop = StubServer(loop_respond)
     try:
         media_env.register_key(loop.url, "k")
         with pytest.raises(VideoError, match="download failed"):
@@ -201,7 +177,7 @@ def test_a_short_body_is_an_error_and_nothing_is_cached(media_env, monkeypatch, 
         h.end_headers()
         h.wfile.write(b"x" * 10)
 
-    server = _Server(short)
+    server = StubServer(short)
     try:
         monkeypatch.setenv("STLLM_LS_ALLOW_PRIVATE", "127.0.0.1")
         with pytest.raises(VideoError, match="download"):

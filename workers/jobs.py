@@ -36,8 +36,9 @@ from workers.schemas import (
     VideoMeta,
     is_yes_no_question,
 )
+from workers.settings import current
 from workers.stllm.model import STLLM, WindowFeatures
-from workers.stllm.video import VideoError, VideoInfo, probe, read_frames, segment_times
+from workers.stllm.video import VideoError, VideoInfo, VideoLimits, probe, read_frames, segment_times
 from workers.timecodes import seconds_to_frames
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def decode_windows(
     """Probe ``path`` (unless ``info`` is given) and decode, once each, the frames of every window (segment
     midpoints) and ``n_global`` frames over the whole video, downscaled to ``max_side``. ``part``: only
     these windows (``spans`` is then that slice of the video's windows). Raises VideoError."""
-    info = info or probe(path)
+    info = info or probe(path, video_limits())
     spans = windows(info.duration, window_s, stride_s)
     if part is not None:
         spans = spans[part]
@@ -111,7 +112,7 @@ class LongVideo:
 
 def plan_video(path: str, window_s: float, stride_s: float, per_window: int, n_global: int, max_side: int):
     """A short video decoded (a DecodedVideo), or a long one to stream (a LongVideo)."""
-    info = probe(path)
+    info = probe(path, video_limits())
     spans = windows(info.duration, window_s, stride_s)
     if len(spans) * per_window + n_global > MAX_FRAMES_IN_MEMORY:
         return LongVideo(path, info, spans)
@@ -151,6 +152,12 @@ def stream_probabilities(
         out.append(window_probabilities(model, d, questions, batch, features=features))
         del d, local, features
     return np.concatenate(out), glob
+
+
+def video_limits() -> VideoLimits:
+    """The limits jobs hold videos to (STLLM_MAX_VIDEO_HOURS, STLLM_MAX_VIDEO_PIXELS)."""
+    s = current()
+    return VideoLimits(max_hours=s.max_video_hours, max_pixels=s.max_video_pixels)
 
 
 _END = object()

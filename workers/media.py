@@ -9,7 +9,8 @@ Every download, and every redirect it follows (at most :data:`MAX_REDIRECTS`):
   Studio's own origin and the hosts in ``STLLM_LS_ALLOW_PRIVATE``;
 - must deliver the whole body its Content-Length announces, or nothing is cached.
 
-Cache: ``STLLM_MEDIA_CACHE`` (``workers.settings``), one file per URL.
+A download has a size cap (``STLLM_MEDIA_MAX_BYTES``) and a total deadline (``STLLM_MEDIA_DEADLINE``); the cache
+(``STLLM_MEDIA_CACHE``, one file per URL) is bounded by ``STLLM_MEDIA_CACHE_MAX``, least recently used first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import http.client
 import ipaddress
 import os
 import socket
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -113,6 +115,28 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_Redirects)
 
 
+def bound_cache(cache: Path, max_bytes: int, keep: Path | None = None, min_age_s: float = 600.0) -> None:
+    """Remove the least recently used downloads until the cache holds at most ``max_bytes``; never ``keep``
+    (the file just fetched) nor a file used in the last ``min_age_s`` (a worker may be about to open it)."""
+    now = time.time()
+    files = []
+    for p in cache.iterdir():
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.is_file() and ".part" not in p.name:
+            files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    for mtime, size, p in sorted(files, key=lambda x: x[0]):
+        if total <= max_bytes:
+            return
+        if p == keep or now - mtime < min_age_s:
+            continue
+        p.unlink(missing_ok=True)
+        total -= size
+
+
 def fetch(source: str, timeout: float = 120.0) -> str:
     """A local path for ``source``: itself when local, else the cached download (made if missing).
     Raises VideoError naming the URL and the reason when the download fails or is refused."""
@@ -122,8 +146,10 @@ def fetch(source: str, timeout: float = 120.0) -> str:
     suffix = Path(urlsplit(source).path).suffix[:8] or ".mp4"
     path = cache / (hashlib.sha1(source.encode()).hexdigest() + suffix)
     if path.exists():
+        os.utime(path)  # recently used: the cache bound removes the least recently used first
         return str(path)
     check_target(source)
+    limits = current()
     cache.mkdir(parents=True, exist_ok=True)
     headers = {}
     key = _key_for(source)
@@ -131,16 +157,31 @@ def fetch(source: str, timeout: float = 120.0) -> str:
         headers["Authorization"] = auth_header(_origin(source), key)
     tmp = path.with_name(path.name + f".part{os.getpid()}")
     try:
+        started = time.monotonic()
         with _opener.open(urllib.request.Request(source, headers=headers), timeout=timeout) as r:
             expected = r.headers.get("Content-Length")
+            cap = limits.media_max_bytes
+            if expected is not None and expected.isdigit() and int(expected) > cap:
+                raise VideoError(
+                    source, f"is {int(expected):,} bytes: over the limit of {cap:,} (STLLM_MEDIA_MAX_BYTES)"
+                )
             written = 0
             with open(tmp, "wb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
+                while chunk := r.read1(1 << 20):  # what has arrived: a slow sender cannot hold a read forever
                     written += len(chunk)
+                    if written > cap:
+                        raise VideoError(
+                            source, f"more than {cap:,} bytes: over the limit (STLLM_MEDIA_MAX_BYTES)"
+                        )
+                    if time.monotonic() - started > limits.media_deadline:
+                        raise VideoError(
+                            source, f"took longer than {limits.media_deadline:g} s (STLLM_MEDIA_DEADLINE)"
+                        )
+                    f.write(chunk)
             if expected is not None and expected.isdigit() and written != int(expected):
                 raise VideoError(source, f"download incomplete: {written} of {expected} bytes")
         tmp.replace(path)
+        bound_cache(cache, limits.media_cache_max, keep=path)
     except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
         raise VideoError(source, f"download failed: {e}") from e
     finally:

@@ -50,11 +50,19 @@ class Segment(BaseModel):
         return cls(label=label, start_s=start_s, end_s=end_s, first_frame=first, last_frame=last, score=score)
 
 
-class EventLabel(BaseModel):
-    """One event class of a vocabulary; ``description`` goes into the question the model answers."""
+# Limits on what a job may ask (each is checked where the job is made, with a message naming it): every label
+# is one question per window, and its text is read by the model in every window.
+MAX_LABELS = 256
+MAX_LABEL_NAME = 200
+MAX_DESCRIPTION = 2000
 
-    name: str = Field(min_length=1)
-    description: str = ""
+
+class EventLabel(BaseModel):
+    """One event class of a vocabulary; ``description`` goes into the question the model answers. A name
+    is at most 200 characters, a description at most 2,000."""
+
+    name: str = Field(min_length=1, max_length=MAX_LABEL_NAME)
+    description: str = Field("", max_length=MAX_DESCRIPTION)
 
     def question(self) -> str:
         text = self.name.replace("_", " ")
@@ -64,7 +72,8 @@ class EventLabel(BaseModel):
 
 
 def parse_labels(items: list[str] | list[dict] | list[EventLabel]) -> list[EventLabel]:
-    """Labels from 'name' or 'name: description' strings, dicts or EventLabels; names must be unique."""
+    """Labels from 'name' or 'name: description' strings, dicts or EventLabels; names must be unique; at most
+    :data:`MAX_LABELS`."""
     out: list[EventLabel] = []
     for item in items:
         if isinstance(item, EventLabel):
@@ -76,6 +85,10 @@ def parse_labels(items: list[str] | list[dict] | list[EventLabel]) -> list[Event
             out.append(EventLabel(name=name.strip(), description=desc.strip()))
     if not out:
         raise ValueError("the event vocabulary is empty: give at least one label")
+    if len(out) > MAX_LABELS:
+        raise ValueError(
+            f"{len(out)} labels: a job takes at most {MAX_LABELS} (each is a question per window)"
+        )
     names = [label.name for label in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

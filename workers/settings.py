@@ -25,6 +25,11 @@ where they start (a worker process, a command, the Flask app) and hand explicit 
 | STLLM_FUSED_LINEAR | 1 | CPU serving: oneDNN fused linear layers and MLPs (0: off) |
 | STLLM_EXACT_GELU | 1 | CPU serving: a tanh-form GELU computed as exact GELU inside fused kernels (0: keep tanh) |
 | STLLM_CPU_KERNELS | 1 | CPU serving: AMX attention, one-pass RMSNorm and RoPE where the CPU has AMX (0: off) |
+| STLLM_MAX_VIDEO_HOURS | 48 | a longer video (or one with a frame at an absurd timestamp) fails with that reason |
+| STLLM_MAX_VIDEO_PIXELS | 67108864 | a video with larger frames (8192 x 8192) fails with that reason |
+| STLLM_MEDIA_MAX_BYTES | 34359738368 | a larger download (32 GiB) fails, by Content-Length or as it arrives |
+| STLLM_MEDIA_DEADLINE | 3600 | seconds a whole download may take |
+| STLLM_MEDIA_CACHE_MAX | 107374182400 | the media cache's size bound (100 GiB); the least recently used files go first |
 | STLLM_LS_STATE | .stllm/labelstudio | the Label Studio backend's prediction cache and corrections log |
 | STLLM_LS_BASIC_AUTH_USER / _PASSWORD | unset | basic auth the backend requires (both or neither) |
 | STLLM_LS_ROUND_EVERY | 0 | start a round after this many new corrections (0: only on START_TRAINING) |
@@ -104,6 +109,11 @@ class Settings:
     worker_role: str | None = None
     cache_dir: Path = Path.home() / ".cache" / "stllm"
     media_cache: Path = Path.home() / ".cache" / "stllm" / "media"
+    media_max_bytes: int = 32 << 30
+    media_deadline: float = 3600.0
+    media_cache_max: int = 100 << 30
+    max_video_hours: float = 48.0
+    max_video_pixels: int = 8192 * 8192
     cpu: CpuServingSettings = field(default_factory=CpuServingSettings)
     labelstudio: LabelStudioSettings = field(default_factory=LabelStudioSettings)
 
@@ -133,6 +143,11 @@ def current() -> Settings:
         worker_role=_opt("STLLM_WORKER_ROLE"),
         cache_dir=cache,
         media_cache=Path(os.environ.get("STLLM_MEDIA_CACHE") or cache / "media"),
+        media_max_bytes=_int("STLLM_MEDIA_MAX_BYTES", 32 << 30),
+        media_deadline=float(_int("STLLM_MEDIA_DEADLINE", 3600)),
+        media_cache_max=_int("STLLM_MEDIA_CACHE_MAX", 100 << 30),
+        max_video_hours=float(os.environ.get("STLLM_MAX_VIDEO_HOURS") or 48.0),
+        max_video_pixels=_int("STLLM_MAX_VIDEO_PIXELS", 8192 * 8192),
         cpu=CpuServingSettings(
             keep_freed_memory=_flag("STLLM_KEEP_FREED_MEMORY"),
             fused_linear=_flag("STLLM_FUSED_LINEAR"),

@@ -12,6 +12,8 @@ from workers.pool import client
 from workers.pool.app import broker_url
 from workers.schemas import LabelStudioCorrections, LabelStudioSinkSpec, RoundRequest, RoundSettings
 
+PREDICTIONS = "predictions.sqlite"  # the backend's prediction cache, under its state folder
+
 
 def _may_carry_key(settings: BackendSettings) -> bool:
     """Whether a job may carry the API key: in the embedded default (nothing goes through a broker), or where
@@ -44,7 +46,7 @@ def enqueue_prelabel(
     if not videos:
         return None, skipped
     sink = LabelStudioSinkSpec(
-        path=str(settings.state / "predictions.jsonl"),
+        path=str(settings.state / PREDICTIONS),
         config=label_config,
         tasks=videos,
         url=url,

@@ -58,9 +58,14 @@ class AppendLog:
     def write(self, records: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         body = "".join(json.dumps(r) + "\n" for r in records)
-        with open(self.path, "a") as f:
+        with open(self.path, "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # one writer at a time: lines never interleave
-            f.write(body)
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # the last line was torn (a crash, a full disk): end it first
+                    body = "\n" + body
+            f.write(body.encode())
             f.flush()
             os.fsync(f.fileno())  # acknowledged means on disk: these are humans' corrections
 
@@ -80,3 +85,72 @@ class AppendLog:
                     latest.pop(k, None)
                     latest[k] = r
         return list(latest.values())
+
+
+class SqliteStore:
+    """Records keyed by (video, model version) in SQLite (WAL mode): the same interface as
+    :class:`JsonlSink`, but a write touches its own rows and a lookup reads only the keys asked for, so
+    neither grows with what is stored (the Label Studio prediction cache holds a whole project's history).
+    Safe for several processes on one machine."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _db(self):
+        import sqlite3
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS records (video TEXT NOT NULL, model_version TEXT NOT NULL, "
+            "record TEXT NOT NULL, PRIMARY KEY (video, model_version))"
+        )
+        return db
+
+    def write(self, records: list[dict]) -> None:
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT OR REPLACE INTO records VALUES (?, ?, ?)",
+                [(r["video"], r["model_version"], json.dumps(r)) for r in records],
+            )
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def get(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        """The stored records of these (video, model version) keys (absent keys are left out)."""
+        if not keys:
+            return {}
+        db = self._db()
+        try:
+            out = {}
+            by_version: dict[str, list[str]] = {}
+            for video, version in keys:
+                by_version.setdefault(version, []).append(video)
+            for version, videos in by_version.items():
+                for i in range(0, len(videos), 500):  # within SQLite's bound on a statement's parameters
+                    part = videos[i : i + 500]
+                    rows = db.execute(  # the primary key's index: cost by the keys asked, not the rows stored
+                        "SELECT record FROM records WHERE model_version = ? AND video IN ("
+                        + ",".join("?" * len(part))
+                        + ")",
+                        [version, *part],
+                    ).fetchall()
+                    for (raw,) in rows:
+                        r = json.loads(raw)
+                        out[_key(r)] = r
+            return out
+        finally:
+            db.close()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        db = self._db()
+        try:
+            return [json.loads(raw) for (raw,) in db.execute("SELECT record FROM records ORDER BY rowid")]
+        finally:
+            db.close()

@@ -8,7 +8,7 @@ from workers.labelstudio.config import parse_label_config
 from workers.labelstudio.rest import LabelStudioAPI, LabelStudioError
 from workers.labelstudio.timeline import prediction_from_result, timing_warning
 from workers.schemas import LabelStudioSinkSpec
-from workers.sinks.files import JsonlSink
+from workers.sinks.files import SqliteStore
 
 log = logging.getLogger("stllm.sinks")
 
@@ -24,7 +24,7 @@ class LabelStudioSink:
     logged and recorded in the cache entry (``push_error``); the other videos go on."""
 
     def __init__(self, spec: LabelStudioSinkSpec):
-        self.cache, self.config, self.tasks = JsonlSink(spec.path), spec.config, spec.tasks
+        self.cache, self.config, self.tasks = SqliteStore(spec.path), spec.config, spec.tasks
         self.url, self.api_key = spec.url, spec.api_key
         self._api = None  # one Label Studio client for all of a job's pushes
 

@@ -83,7 +83,16 @@ def _open(path: str | os.PathLike) -> av.container.InputContainer:
     return container
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
+@dataclass(frozen=True)
+class VideoLimits:
+    """What a video may be before it is refused (an error naming the file, not an out-of-memory kill). Jobs
+    take them from STLLM_MAX_VIDEO_HOURS / STLLM_MAX_VIDEO_PIXELS (``workers.settings``)."""
+
+    max_hours: float = 48.0  # a two-day recording; a packet at an absurd timestamp is far beyond
+    max_pixels: int = 8192 * 8192  # 8K and beyond decode frames of hundreds of MB each
+
+
+def probe(path: str | os.PathLike, limits: VideoLimits | None = None) -> VideoInfo:
     """Read a video's frame rate, frame count, duration and size, and detect a variable frame rate.
 
     The frame count is the frames that decode: every packet is demuxed (no decoding), so the count is right
@@ -126,6 +135,19 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             duration = 1.0 / fps
         if not math.isfinite(fps) or fps <= 0:
             raise VideoError(path, f"has an invalid frame rate {fps!r}")
+        limits = limits or VideoLimits()
+        if duration > limits.max_hours * 3600:
+            raise VideoError(
+                path,
+                f"lasts {duration / 3600:.1f} h (a frame at {pts_arr[-1]:.0f} s): over the limit of "
+                f"{limits.max_hours:g} h",
+            )
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > limits.max_pixels:
+            raise VideoError(
+                path,
+                f"is {width}x{height}: over the limit of {limits.max_pixels:,} pixels a frame",
+            )
         return VideoInfo(
             path=str(path),
             fps=fps,
