@@ -369,3 +369,37 @@ def test_broker_messages_do_not_grow_with_the_job(redis_server):
         assert shared is not None and b"shift-000001" not in shared  # the mapping is not in the shared part
     assert sizes[400] - sizes[40] <= 16, sizes  # only the digits of longer ids differ
     r.flushall()
+
+
+def test_a_sink_write_that_fails_for_one_video_does_not_end_the_chunk(tiny_spec, tmp_path, monkeypatch):
+    """In the task body itself (embedded: no broker): the refused record keeps its result, with the reason,
+    and the chunk's other videos are written."""
+    from workers.pool import tasks
+    from workers.schemas import PrelabelResult
+    from workers.sinks.files import JsonlSink as Sink
+
+    real = Sink.write
+
+    def refuse_one(self, records):
+        if any(r["video"] == "b.mp4" for r in records):
+            raise OSError("disk full")
+        real(self, records)
+
+    monkeypatch.setattr(Sink, "write", refuse_one)
+    monkeypatch.delenv("STLLM_BROKER_URL", raising=False)
+
+    def fake_job(videos, progress):
+        for v in videos:
+            progress(PrelabelResult(video=v, model_version="v"))
+
+    out = tasks._run(
+        None,
+        "job",
+        ["a.mp4", "b.mp4", "c.mp4"],
+        {"kind": "jsonl", "path": str(tmp_path / "out.jsonl")},
+        fake_job,
+        lambda video, reason: PrelabelResult(video=video, model_version="v", error=reason),
+    )
+    assert [r["video"] for r in Sink(tmp_path / "out.jsonl").read()] == ["a.mp4", "c.mp4"]
+    assert [r["error"] is None for r in out["results"]] == [True, False, True]
+    assert "disk full" in out["results"][1]["error"]

@@ -152,11 +152,18 @@ class STLLM(nn.Module):
         with torch.no_grad(), self.autocast():
             return self.backbone.vision_features(pixels.to(self.device), clip).float()
 
-    def frame_features(self, frames: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    def encoder_chunk(self) -> int:
+        """Frames per vision-encoder call: 64 on a GPU; 16 on a CPU, where a convolutional encoder's
+        activations for 64 frames (hundreds of MB at 224 px) left the heap ~1 GB larger after a few
+        streamed parts of a long video, and 16 was no slower (bench/README.md, long-video memory)."""
+        return 64 if self.device.type == "cuda" else 16
+
+    def frame_features(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """uint8 frames (T, H, W, 3) in time order -> frozen encoder features (T, K, Dv), ``chunk`` frames per
         encoder call. An encoder that mixes frames over time sees them as consecutive clips of at most
         ``backbone.clip_frames``. Frames move to the model's device as uint8 and are resized there (on a GPU,
-        resizing on the CPU took longer than the encoder)."""
+        resizing on the CPU took longer than the encoder). ``chunk`` defaults to :meth:`encoder_chunk`."""
+        chunk = chunk or self.encoder_chunk()
         if self.backbone.clip_frames is not None:
             return self.clip_features(frames, torch.arange(frames.shape[0])[None], chunk)[0]
         bb = self.backbone
@@ -168,11 +175,14 @@ class STLLM(nn.Module):
             parts.append(self.vision_features(pixels))
         return torch.cat(parts)
 
-    def clip_features(self, frames: torch.Tensor, clips: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    def clip_features(
+        self, frames: torch.Tensor, clips: torch.Tensor, chunk: int | None = None
+    ) -> torch.Tensor:
         """uint8 frames (N, H, W, 3) and clips (C, F) of indices into them -> features (C, F, K, Dv), each clip
         encoded on its own: a temporal adapter attends within a clip, never across clips. A clip longer than
         ``backbone.clip_frames`` is split into consecutive pieces of at most that many frames. About ``chunk``
-        frames go through the encoder per call."""
+        frames go through the encoder per call (default :meth:`encoder_chunk`)."""
+        chunk = chunk or self.encoder_chunk()
         bb = self.backbone
         if bb.clip_frames is None:  # frames are encoded alone: each distinct frame once
             used, where = clips.unique(return_inverse=True)
