@@ -314,10 +314,18 @@ def test_frozen_parts_stay_in_eval_mode_while_training(converted):
     assert model.lm.training and bb.projector.training
 
 
-def test_the_global_part_is_the_mean_of_projected_tokens(converted):
-    """As the original: the Q-Former + projection runs on every global frame, then the mean; for a Q-Former that
-    differs from projecting the mean feature."""
+def test_the_global_part_is_the_mean_of_projected_tokens(converted, tiny_model):
+    """A converted release, as the original: the Q-Former + projection runs on every global frame, then the
+    mean; for a Q-Former that differs from projecting the mean feature. A fresh model projects the mean."""
+    feats = torch.randn(6, 4, 32)
+    with torch.no_grad():
+        fresh = tiny_model.video_tokens(feats[:2][None], feats[None])
+        g = tiny_model.backbone.project(feats.mean(0, keepdim=True))
+        local = tiny_model.backbone.project(feats[:2])[None]
+        assert tiny_model.config.global_mean == "features"
+        assert torch.allclose(fresh, tiny_model.fusion(local, g).flatten(1, 2), atol=1e-5)
     model = load_model(converted, device="cpu", dtype="fp32")
+    assert model.config.global_mean == "tokens"
     bb = model.backbone
     feats = bb.vision_features(torch.randn(6, 3, 28, 28)).detach()
     with torch.no_grad():

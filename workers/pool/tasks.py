@@ -129,6 +129,11 @@ class _Ledger:
         if self.client is not None:
             self.client.hset(self.key, f"r:{index}", json.dumps(result))
 
+    def clear(self) -> None:
+        """The task finished: its results live on in the task's result, not twice."""
+        if self.client is not None:
+            self.client.delete(self.key)
+
 
 def _run(task, job_id: str, videos: list[str], sink: dict | None, fn, failed_result) -> dict:
     """Run ``fn(videos, progress)`` (a job function from workers.jobs) over the task's videos in one call, so
@@ -191,6 +196,8 @@ def _run(task, job_id: str, videos: list[str], sink: dict | None, fn, failed_res
     else:
         fn(remaining(todo), record)
     results = [by_index[i] for i in sorted(by_index)]
+    if len(results) == len(videos):
+        ledger.clear()
     if len(results) < len(videos):
         log.info("job %s cancelled: skipped %d videos", job_id, len(videos) - len(results))
     done = sum(r["error"] is None for r in results)

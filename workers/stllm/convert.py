@@ -372,7 +372,10 @@ def convert_stllm(
     trainable |= {f"mvm_head.{k}": v for k, v in mvm.state_dict().items()}
     meta = {
         "backbone": {"kind": "instructblip-video", "model": "backbone"},
-        "config": dataclasses.asdict(STLLMConfig(global_bottleneck=fusion.down.out_features)),
+        # the release's global MLP was trained on the mean of projected tokens
+        "config": dataclasses.asdict(
+            STLLMConfig(global_bottleneck=fusion.down.out_features, global_mean="tokens")
+        ),
         "version": version,
     }
     save_file({k: v.detach().contiguous() for k, v in trainable.items()}, backbone_dir / "trainable.tmp")

@@ -15,6 +15,12 @@ class STLLMConfig:
     """Method settings. Defaults follow the paper's code (notes/stllm-method.md)."""
 
     global_bottleneck: int = 1024
+    # What the global part averages over the frames: "tokens", the projected tokens (the original: after the
+    # Q-Former and llama_proj; what a converted release was trained with), or "features", the encoder's
+    # features, projected once. The same for a linear connector; for an MLP connector "tokens" gave the
+    # global part video-level answers that every window then repeated (builtin demo, seed 0: round-1
+    # held-out mAP@0.5 0.009 vs 0.556 with "features"; bench/README.md), so fresh models use "features".
+    global_mean: str = "features"
     mask_mean: float = 0.5
     mask_std: float = 0.1
     mask_min: float = 0.1
@@ -24,6 +30,10 @@ class STLLMConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if self.global_mean not in ("features", "tokens"):
+            raise ValueError(f"global_mean must be 'features' or 'tokens', got {self.global_mean!r}")
 
 
 class GlobalLocalFusion(nn.Module):

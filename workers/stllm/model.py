@@ -1,7 +1,7 @@
 """ST-LLM: every spatio-temporal token goes into the LLM (Liu et al., ECCV 2024).
 
     frames (B, T, 3, S, S) -> backbone -> tokens (B, T, K, D)
-    global-local: local frames + up(relu(down(mean over all frames' projected tokens)))   (up zero-init)
+    global-local: local frames + up(relu(down(mean over all frames)))   (up zero-initialised)
     flatten frame-major -> (B, T*K, D), video first, then the question; 1-D positions 0..N-1
     (an instruct LM's chat header, e.g. its system turn, stays in front: [header][video][question][answer])
     training: dynamic masking drops a random share rho of video tokens (order kept),
@@ -225,8 +225,9 @@ class STLLM(nn.Module):
 
         local: (B, T, K, Dv) features of the frames kept at full tokens; global_frames: (B, Tg, K, Dv) features
         of all frames the global part pools over (None: no global part). The global part is the mean over
-        frames of the projected tokens, as in the original (for a Q-Former or an MLP connector that is not the
-        projection of the mean). ``text``: what a question-aware connector reads (None: its fixed instruction).
+        frames of the projected tokens (``config.global_mean == "tokens"``, the original's, what a converted
+        release uses) or the projection of the mean feature (``"features"``, fresh models; see STLLMConfig).
+        ``text``: what a question-aware connector reads (None: its fixed instruction).
         Returns (B, T*K, D).
         """
         b, t = local.shape[:2]
@@ -238,9 +239,12 @@ class STLLM(nn.Module):
         if global_frames is not None:
             if b > 1 and global_frames.stride(0) == 0:  # one video's frames expanded over its windows:
                 global_frames = global_frames[:1]  # project and pool them once
-            gb, tg = global_frames.shape[:2]
-            projected = self.backbone.project(global_frames.to(weights).flatten(0, 1), text)
-            g = projected.view(gb, tg, *projected.shape[1:]).mean(1)  # project every frame, then the mean
+            if self.config.global_mean == "tokens":  # project every frame, then the mean (the original)
+                gb, tg = global_frames.shape[:2]
+                projected = self.backbone.project(global_frames.to(weights).flatten(0, 1), text)
+                g = projected.view(gb, tg, *projected.shape[1:]).mean(1)
+            else:  # the mean of the frames' features, projected once
+                g = self.backbone.project(global_frames.mean(1).to(weights), text)
             tokens = self.fusion(tokens, g.expand(b, -1, -1))
         return tokens.flatten(1, 2)
 
