@@ -19,7 +19,7 @@ class STLLMConfig:
     # Q-Former and llama_proj; what a converted release was trained with), or "features", the encoder's
     # features, projected once. The same for a linear connector; for an MLP connector "tokens" gave the
     # global part video-level answers that every window then repeated (builtin demo, seed 0: round-1
-    # held-out mAP@0.5 0.009 vs 0.556 with "features"; bench/README.md), so fresh models use "features".
+    # held-out mAP@0.5 0.009 vs 0.426 with "features"; bench/HISTORY.md), so fresh models use "features".
     global_mean: str = "features"
     mask_mean: float = 0.5
     mask_std: float = 0.1
