@@ -32,7 +32,7 @@ from workers.settings import current
 from workers.stllm.video import VideoError
 
 MAX_REDIRECTS = 5
-_keys: dict[str, str] = {}  # Label Studio origin -> API key
+_keys: dict[tuple, str] = {}  # Label Studio origin (scheme, host, port) -> API key
 
 
 def _origin(url: str) -> str:
@@ -42,7 +42,7 @@ def _origin(url: str) -> str:
 
 def register_key(url: str, api_key: str) -> None:
     """Use ``api_key`` for downloads from ``url``'s origin (a Label Studio server)."""
-    _keys[_origin(url)] = api_key
+    _keys[origin(url)] = api_key
 
 
 def is_remote(source: str) -> bool:
@@ -53,15 +53,13 @@ def _key_for(url: str) -> str | None:
     env_url, env_key = os.environ.get("LABEL_STUDIO_URL"), os.environ.get("LABEL_STUDIO_API_KEY")
     if env_url and env_key and origin(env_url) == origin(url):
         return env_key
-    return next((key for o, key in _keys.items() if origin(o) == origin(url)), None)
+    return _keys.get(origin(url))
 
 
 def _trusted(url: str) -> bool:
     """Label Studio's own origin (configured or registered with its key): it may live on a private network."""
     env_url = os.environ.get("LABEL_STUDIO_URL")
-    return (env_url is not None and origin(env_url) == origin(url)) or any(
-        origin(o) == origin(url) for o in _keys
-    )
+    return (env_url is not None and origin(env_url) == origin(url)) or origin(url) in _keys
 
 
 def _forbidden_address(address: str) -> bool:
