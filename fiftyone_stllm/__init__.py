@@ -224,6 +224,12 @@ class FinetuneRound(_PoolOperator):
                 inputs.enum("view_name", views, label="Saved view (optional)")
             inputs.int("steps", default=default(TrainSettings, "steps"), label="Training steps")
             inputs.bool("force", default=False, label="Promote whatever it measures")
+            inputs.int(
+                "next_batch",
+                default=0,
+                label="Then suggest this many videos to correct next",
+                description="from the dataset's samples outside the saved view, most uncertain first",
+            )
         return types.Property(inputs, view=types.View(label="Fine-tune round"))
 
     def execute(self, ctx):
@@ -236,6 +242,7 @@ class FinetuneRound(_PoolOperator):
         settings = RoundSettings(
             train=TrainSettings(steps=ctx.params.get("steps") or default(TrainSettings, "steps")),
             force=bool(ctx.params.get("force")),
+            next_batch=int(ctx.params.get("next_batch") or 0),
         )
         steps = settings.train.steps
 
@@ -258,7 +265,70 @@ class FinetuneRound(_PoolOperator):
             state, info = client.follow_round(task, report, every_s=2.0)
         else:  # an immediate run returns at once; "job status" follows the round
             state, info = client.round_status(task)
-        return {"job_id": task, "state": state, **{k: info.get(k) for k in ("version", "promoted", "reason")}}
+        keys = ("version", "promoted", "reason", "next_batch")
+        return {"job_id": task, "state": state, **{k: info.get(k) for k in keys}}
+
+
+REVIEW_VIEW_DEFAULT = "stllm_review_next"
+
+
+def review_view(view, field: str, top: int | None = None):
+    """``view``'s pre-labeled samples, most uncertain first (``<field>_uncertainty`` highest first; see
+    ``workers.review``), at most ``top`` of them."""
+    from fiftyone import ViewField as F
+
+    key = f"{field}_uncertainty"
+    out = view.match(F(key) != None).sort_by(key, reverse=True)  # noqa: E711 (a FiftyOne expression)
+    return out.limit(top) if top else out
+
+
+class ReviewNext(foo.Operator):
+    """Saves the target view's pre-labeled videos as a view sorted by how unsure the model is, most unsure
+    first, for the QA engineer to correct next; each detection carries its own ``uncertainty`` too."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="review_next",
+            label="ST-LLM: review next (most uncertain first)",
+            description="Save a view of the target's videos sorted by the model's uncertainty, highest first",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if _check_target(ctx, inputs):
+            fields = [
+                f
+                for f in _temporal_fields(ctx.dataset)
+                if f"{f}_uncertainty" in ctx.dataset.get_field_schema()
+            ]
+            if not fields:
+                inputs.str(
+                    "field_check",
+                    invalid=True,
+                    required=True,
+                    error_message="no pre-labeled field with uncertainty: run 'pre-label events' first",
+                )
+            else:
+                inputs.enum("field", fields, default=fields[0], required=True, label="Pre-label field")
+            inputs.int("top", label="At most this many videos (empty: all)")
+            inputs.str("view_name", default=REVIEW_VIEW_DEFAULT, required=True, label="Saved view name")
+        return types.Property(inputs, view=types.View(label="Review next"))
+
+    def execute(self, ctx):
+        field = ctx.params.get("field") or FIELD_DEFAULT
+        name = ctx.params.get("view_name") or REVIEW_VIEW_DEFAULT
+        view = review_view(ctx.target_view(), field, ctx.params.get("top"))
+        ctx.dataset.save_view(name, view, overwrite=True)
+        ctx.trigger("set_view", params={"name": name})
+        return {"view": name, "samples": len(view)}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("view", label="Saved view")
+        outputs.int("samples", label="Videos to review")
+        return types.Property(outputs)
 
 
 class JobStatus(foo.Operator):
@@ -315,3 +385,4 @@ def register(p):
     p.register(AskVideos)
     p.register(FinetuneRound)
     p.register(JobStatus)
+    p.register(ReviewNext)

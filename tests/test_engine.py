@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from workers.stllm.io import build_model, load_model, save_model
@@ -173,6 +174,55 @@ def test_tiny_model_learns_a_toy_visual_question_with_masking_and_mvm(tiny_model
     truth = feats.flatten(1).mean(1) > 0
     scores = model.score(model.video_tokens(feats, feats), ["Is it bright?"], ["yes", "no"])[:, 0]
     assert ((scores[:, 0] > scores[:, 1]) == truth).float().mean() > 0.9
+
+
+def test_all_questions_in_one_sequence_give_each_questions_own_loss(tiny_model):
+    """questions_loss lays a window's questions side by side after one video prefix; each answer's loss is the
+    loss of that question asked alone (as scoring reads it), and unclear targets (-1) are left out."""
+    import torch.nn.functional as F
+
+    model = tiny_model
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 2, 4, 32, generator=g)
+    video = model.video_tokens(feats)
+    questions = ["Is it bright?", "Is it dark and cold?", "Is there a hand?"]
+    targets = torch.tensor([[0, 1, -1], [1, -1, 0], [0, 0, 1]])
+    yes, no = model.text_ids("y"), model.text_ids("n")  # single tokens for the tiny byte tokenizer
+    assert len(yes) == len(no) == 1
+    yes, no = yes[0], no[0]
+    out = model.questions_loss(video, questions, targets, [yes, no], masking=False)
+    logp = model.score(video, questions, ["y", "n"])  # (B, Q, 2), each question alone after the video
+    expected = []
+    for b in range(3):
+        for q in range(3):
+            if targets[b, q] >= 0:
+                expected.append(F.cross_entropy(logp[b, q][None], targets[b, q][None]))
+    assert out["ce"].item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
+    assert out["mvm"].item() == 0.0
+    masked = model.questions_loss(video, questions, targets, [yes, no], generator=g)
+    assert masked["mvm"].item() > 0 and 0.1 <= masked["rho"].item() <= 0.7
+    masked["loss"].backward()
+
+
+def test_motion_input_gives_the_connector_each_tokens_change(tiny_spec):
+    from workers.stllm.io import build_model
+    from workers.stllm.model import with_motion
+
+    feats = torch.randn(2, 3, 4, 32)
+    both = with_motion(feats)
+    assert both.shape == (2, 3, 4, 64)
+    assert torch.equal(both[:, 0, :, 32:], torch.zeros(2, 4, 32))
+    assert torch.allclose(both[:, 2, :, 32:], feats[:, 2] - feats[:, 1])
+    model = build_model({**tiny_spec, "motion": True}, device="cpu", dtype="fp32").eval()
+    assert model.backbone.motion_input and model.backbone.projector[0].in_features == 64
+    # a frozen picture and a moving one whose last frame is the same: only the change tells them apart
+    still = feats[:, 2:3].expand(-1, 3, -1, -1).contiguous()
+    moving = feats.clone()
+    a, b = model.video_tokens(still), model.video_tokens(moving)
+    k = model.backbone.tokens_per_frame
+    assert not torch.allclose(a[:, 2 * k :], b[:, 2 * k :])
+    plain = build_model(tiny_spec, device="cpu", dtype="fp32").eval()
+    assert torch.allclose(plain.video_tokens(still)[:, 2 * k :], plain.video_tokens(moving)[:, 2 * k :])
 
 
 def test_masking_off_gives_no_mvm_term(tiny_model):

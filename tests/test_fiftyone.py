@@ -58,7 +58,8 @@ def test_the_plugin_is_discovered_with_all_its_operators(fiftyone):
 
     reg = OperatorRegistry()
     uris = {op.uri for op in reg.list_operators()}
-    assert {PREFIX + n for n in ("prelabel_events", "ask_videos", "finetune_round", "job_status")} <= uris
+    names = ("prelabel_events", "ask_videos", "finetune_round", "job_status", "review_next")
+    assert {PREFIX + n for n in names} <= uris
     assert not [e for e in reg.list_errors() if "stllm" in str(e)]
 
 
@@ -97,6 +98,36 @@ def test_prelabel_writes_temporal_detections_errors_and_provenance(fiftyone, emb
     good = ds.match(fo.ViewField("pred_error") == None)  # noqa: E711
     res = good.evaluate_detections("pred", gt_field="gt", eval_key="ev", compute_mAP=True)
     assert 0.0 <= res.mAP() <= 1.0
+
+
+def test_uncertainty_is_stored_and_the_review_view_puts_the_least_sure_first(
+    fiftyone, embedded, video_dataset
+):
+    ds, _, bad = video_dataset
+    result = run(fiftyone, "prelabel_events", ds, labels=["jam", "hand"], output_field="pred")
+    assert result.error is None, result.error
+    ds.reload()
+    assert ds.get_field("pred_uncertainty") is not None  # a float field: sortable in the App's sidebar
+    good = ds.exists("pred_uncertainty")
+    assert len(good) == 3 and bad not in good.values("filepath")
+    for sample in good:
+        assert 0.0 <= sample["pred_uncertainty"] <= 1.0 and sample["pred_version"] == "tiny@base"
+        for d in sample["pred"].detections:
+            assert 0.0 <= d["uncertainty"] <= 1.0
+    # a spread of values to order: the stored numbers of two samples are set apart
+    ids = good.values("id")
+    for sid, u in zip(ids, (0.2, 0.9, 0.5), strict=True):
+        sample = ds[sid]
+        sample["pred_uncertainty"] = u
+        sample.save()
+    result = run(fiftyone, "review_next", ds, field="pred", view_name="to_review")
+    assert result.error is None, result.error
+    assert result.result == {"view": "to_review", "samples": 3}
+    saved = ds.load_saved_view("to_review")
+    assert saved.values("pred_uncertainty") == [0.9, 0.5, 0.2]
+    assert saved.values("id") == [ids[1], ids[2], ids[0]]
+    run(fiftyone, "review_next", ds, field="pred", view_name="to_review", top=1)  # replaces the view
+    assert ds.load_saved_view("to_review").values("id") == [ids[1]]
 
 
 def test_a_rerun_replaces_the_same_versions_labels(fiftyone, embedded, video_dataset):

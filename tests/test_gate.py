@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from workers.rounds.corrections import accumulate, choose_windows
+from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import bootstrap_gain, decide
 from workers.schemas import CorrectedVideo, PrelabelSettings, Segment, Snapshot, parse_labels
 
@@ -45,6 +46,29 @@ def test_a_candidate_that_loses_a_known_label_is_held_back_and_the_reason_names_
     assert not d.promote and "hand (AP@0.5 0.80 -> 0.10)" in d.reason and set(d.lost) == {"hand"}
     forced = decide("round-2", "round-1", {"hand": 0.1}, {"hand": 0.8}, 0.0, (-0.1, 0.1), force=True)
     assert forced.promote and "(forced)" in forced.reason
+
+
+def test_a_label_drop_counts_only_where_the_resampled_videos_agree():
+    """hand is lost on one validation video of four and kept on the others: its AP falls, but resampling the
+    videos shows the fall may be luck, so the gate does not hold the candidate back for it; where every video
+    loses it, it does."""
+
+    def seg(label, a, b):
+        return Segment.from_seconds(label, a, b, 10.0, 300)
+
+    gt = {f"v{i}": [seg("hand", 2.0, 5.0), seg("jam", 10.0, 14.0)] for i in range(4)}
+    served = {k: list(v) for k, v in gt.items()}
+    one_bad = {k: (list(v) if k != "v0" else [seg("jam", 10.0, 14.0)]) for k, v in gt.items()}
+    all_bad = {k: [seg("jam", 10.0, 14.0)] for k in gt}
+    for cand, lost in ((one_bad, False), (all_bad, True)):
+        intervals: dict = {}
+        gain, interval = bootstrap_gain(cand, served, gt, ["hand", "jam"], 300, 0.9, 0, intervals)
+        cand_ap = evaluate(cand, gt, thresholds=(0.5,), labels=["hand", "jam"]).per_label(0.5)
+        served_ap = evaluate(served, gt, thresholds=(0.5,), labels=["hand", "jam"]).per_label(0.5)
+        assert served_ap["hand"] - cand_ap["hand"] > 0.15  # the point estimate drops either way
+        d = decide("round-2", "round-1", cand_ap, served_ap, gain, (0.01, 0.2), label_intervals=intervals)
+        assert ("hand" in d.lost) == lost and d.promote == (not lost)
+        assert d.to_dict()["label_intervals"]["hand"][0] <= 0
 
 
 def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:

@@ -244,6 +244,55 @@ def test_paired_batches_ask_one_window_two_questions_with_opposite_answers():
     assert plain != batches and all(len(b) == 8 for b in plain)
 
 
+def test_question_batches_ask_every_window_every_question_with_its_own_answer():
+    from workers.stllm.train import Example, TrainOptions, question_batches
+
+    questions = ("is it a jam?", "is a hand in it?", "is the line empty?")
+    examples = [
+        Example(v, w, q, "yes" if k == (v + w) % 3 else "no")
+        for v in range(3)
+        for w in range(10)
+        for k, q in enumerate(questions)
+        if (v, w, k) != (1, 4, 2)  # one unclear target: no answer for it
+    ]
+    answer = {(e.video, e.window, e.question): e.answer for e in examples}
+    opts = dict(lr=1e-3, warmup_steps=0, weight_decay=0.0, masking=True, mvm=True, seed=3, paired=True)
+    opts |= dict(checkpoint_every=10, answer_choices=True)
+    batches = question_batches(examples, TrainOptions(steps=30, batch_size=4, **opts))
+    assert len(batches) == 30
+    for keys, qs, targets in batches:
+        assert len(keys) == 4 and sorted(qs) == sorted(questions)  # 3 questions < questions_per_step
+        for (v, w), row in zip(keys, targets, strict=True):
+            for q, t in zip(qs, row, strict=True):
+                want = answer.get((v, w, q))
+                assert t == {"yes": 0, "no": 1, None: -1}[want]
+        assert any(0 in row for row in targets) and any(1 in row for row in targets)
+    capped = question_batches(examples, TrainOptions(steps=5, batch_size=4, questions_per_step=2, **opts))
+    assert all(len(qs) == 2 for _, qs, _ in capped)
+
+
+def test_a_round_suggests_the_next_videos_to_correct_and_never_a_corrected_one(store, snapshot, tmp_path):
+    fresh = generate_dataset(tmp_path / "pool", 3, seed=330, duration=6.0)
+    pool = [r["video"] for r in fresh]
+    corrected = snapshot.videos[0].video
+    result = run_round(
+        store,
+        snapshot,
+        quick_settings().model_copy(update={"next_batch": 2}),
+        candidates=[*pool, corrected, str(tmp_path / "pool" / "missing.mp4")],
+    )
+    picked = [x["video"] for x in result.next_batch]
+    assert len(picked) == 2 and set(picked) <= set(pool) and corrected not in picked
+    for x in result.next_batch:
+        assert 0.0 <= x["uncertainty"] <= 1.0 and x["label"] in {"empty_line", "hand"}
+    assert store.read()["versions"][result.version]["next_batch"] == result.next_batch
+    # nothing left to suggest: every candidate is corrected already
+    again = run_round(
+        store, snapshot, quick_settings().model_copy(update={"next_batch": 2}), candidates=[corrected]
+    )
+    assert again.next_batch == []
+
+
 def test_a_round_without_windows_chooses_them_from_the_corrections_and_its_version_serves_with_them(
     tmp_path, tiny_spec, snapshot
 ):

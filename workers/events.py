@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.review import segment_uncertainty, window_uncertainty
 from workers.schemas import Segment
 
 
@@ -73,7 +74,8 @@ def segments_from_probabilities(
 
     ``spans`` are the windows' (start, end) seconds in time order; overlapping or touching 'on' windows merge
     into one segment from the first one's start to the last one's end. Each segment's score is the mean
-    smoothed probability of its windows. Segments shorter than ``min_duration`` seconds are dropped.
+    smoothed probability of its windows, its ``uncertainty`` how unsure its label and edges are
+    (:func:`workers.review.segment_uncertainty`, against ``high``). Segments shorter than ``min_duration`` seconds are dropped.
 
     With ``centres`` (each window's centre in seconds), an edge between an 'off' and an 'on' window is placed
     where the probability, linearly interpolated between the two centres, crosses ``high`` (``low`` only
@@ -89,6 +91,7 @@ def segments_from_probabilities(
     low = high if low is None else low
     p = smooth(probs, smoothing)
     on = hysteresis(p, high, low)
+    u = window_uncertainty(p, high)
     out: list[Segment] = []
     i = 0
     while i < len(on):
@@ -105,7 +108,10 @@ def segments_from_probabilities(
         if centres is not None and last + 1 < len(on) and (last < j or not on[j + 1]):
             end = _crossing(centres[last], p[last], centres[last + 1], p[last + 1], high)
         if end - start >= min_duration and end > start:
-            out.append(Segment.from_seconds(label, start, end, fps, n_frames, float(p[i : j + 1].mean())))
+            score = float(p[i : j + 1].mean())
+            out.append(
+                Segment.from_seconds(label, start, end, fps, n_frames, score, segment_uncertainty(u, i, j))
+            )
         i = j + 1
     return out
 

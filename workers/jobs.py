@@ -25,6 +25,7 @@ import torch
 
 from workers.events import segments_from_probabilities, window_cores, windows
 from workers.media import fetch
+from workers.review import video_uncertainty
 from workers.schemas import (
     AskResult,
     AskSettings,
@@ -382,6 +383,7 @@ def _prelabel_result(
         },
     )
     result.segments = result_segments(result, [label.name for label in labels], s)
+    result.uncertainty, result.label_uncertainty = video_uncertainty(result.window_probs, s.high_for)
     return result
 
 

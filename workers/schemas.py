@@ -33,6 +33,8 @@ class Segment(BaseModel):
     first_frame: int
     last_frame: int
     score: float = 1.0
+    # how unsure the label and edges are, 0-1 (workers.review); None for a human's segment
+    uncertainty: float | None = None
 
     @field_serializer("start_s", "end_s")
     def _seconds(self, v: float) -> float:
@@ -44,10 +46,25 @@ class Segment(BaseModel):
 
     @classmethod
     def from_seconds(
-        cls, label: str, start_s: float, end_s: float, fps: float, n_frames: int, score: float = 1.0
+        cls,
+        label: str,
+        start_s: float,
+        end_s: float,
+        fps: float,
+        n_frames: int,
+        score: float = 1.0,
+        uncertainty: float | None = None,
     ) -> Segment:
         first, last = seconds_to_frames(start_s, end_s, fps, n_frames)
-        return cls(label=label, start_s=start_s, end_s=end_s, first_frame=first, last_frame=last, score=score)
+        return cls(
+            label=label,
+            start_s=start_s,
+            end_s=end_s,
+            first_frame=first,
+            last_frame=last,
+            score=score,
+            uncertainty=uncertainty,
+        )
 
 
 # Limits on what a job may ask (each is checked where the job is made, with a message naming it): every label
@@ -190,6 +207,9 @@ class PrelabelResult(BaseModel):
     meta: VideoMeta | None = None
     windows: list[tuple[float, float]] = Field(default_factory=list)
     window_probs: dict[str, list[float]] = Field(default_factory=dict)
+    # how much a correction of this video would teach (workers.review): one number, and each label's
+    uncertainty: float | None = None
+    label_uncertainty: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
 
 
@@ -311,7 +331,7 @@ class TrainSettings(BaseModel):
     """How a round trains (LoRA + the small trainable parts; masking + MVM on by default)."""
 
     steps: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)  # windows a step (each answers every question of its batch)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -321,6 +341,9 @@ class TrainSettings(BaseModel):
     checkpoint_every: int = Field(50, ge=1)
     answer_choices: bool = True  # cross-entropy over the yes/no tokens only, as inference normalises them
     paired: bool = True  # each window drawn with a yes to one question and a no to another
+    # each drawn window answers all its batch's questions in one sequence, as scoring lays them out
+    all_questions: bool = True
+    questions_per_step: int = Field(8, ge=1, le=64)
 
 
 class RoundSettings(BaseModel):
@@ -341,6 +364,10 @@ class RoundSettings(BaseModel):
     )  # a window is a 'yes' for a label when events cover this share
     no_overlap: float = Field(0.0, ge=0, le=1)  # ... and a 'no' when they cover at most this share
     force: bool = False
+    # after the round, the version serving then pre-labels up to ``next_pool`` of the candidate videos (drawn
+    # at random, seeded) and reports the ``next_batch`` most worth correcting (workers.review.next_batch)
+    next_batch: int = Field(0, ge=0)
+    next_pool: int = Field(200, ge=1)
     device: str | None = None
     dtype: str | None = "auto"
 
@@ -378,3 +405,5 @@ class RoundRequest(BaseModel):
     corrections: Corrections
     settings: RoundSettings = Field(default_factory=RoundSettings)
     store: str | None = None
+    # videos not yet corrected, for the next batch (a FiftyOne round adds its dataset's samples outside the view)
+    candidates: list[str] = Field(default_factory=list)

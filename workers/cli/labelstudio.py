@@ -76,8 +76,35 @@ def _prelabel(args) -> int:
     return 0 if st.done or not st.total else 1
 
 
+def _queue(args) -> int:
+    """Print the project's unannotated tasks, most uncertain first; ``--view`` adds the Data Manager tab."""
+    from workers.labelstudio.rest import LabelStudioAPI, LabelStudioError, review_queue
+    from workers.labelstudio.settings import BackendSettings
+    from workers.pool.client import served_version
+
+    try:
+        api = LabelStudioAPI.from_env(*BackendSettings().connection())
+        tasks = api.tasks(args.project)
+        rows = review_queue(tasks, served_version(), args.top)
+        view = api.review_view(args.project) if args.view else None
+    except LabelStudioError as e:
+        print(f"stllm labelstudio queue: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"project": args.project, "view": view, "tasks": rows}))
+        return 0
+    print(f"{'task':>8}  {'uncertainty':>11}  {'version':<12} video")
+    for r in rows:
+        u = f"{r['uncertainty']:.3f}" if r["uncertainty"] is not None else "-"
+        print(f"{r['task']:>8}  {u:>11}  {r['model_version'] or '-':<12} {r['video']}")
+    if view is not None:
+        print(f"Data Manager tab {view} on project {args.project}: unannotated tasks, most uncertain first")
+    return 0
+
+
 def cmd_labelstudio(args) -> int:
-    return {"prelabel": _prelabel, "connect": _connect, "serve": _serve}[args.labelstudio_command](args)
+    commands = {"prelabel": _prelabel, "connect": _connect, "serve": _serve, "queue": _queue}
+    return commands[args.labelstudio_command](args)
 
 
 def add_parsers(sub) -> None:
@@ -107,4 +134,16 @@ def add_parsers(sub) -> None:
         "under LOCAL_FILES_DOCUMENT_ROOT.",
     )
     ls_pre.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    ls_q = lsub.add_parser(
+        "queue",
+        help="the tasks to review next: unannotated, most uncertain first",
+        description="Lists the project's tasks that nobody has annotated, most uncertain first: the "
+        "uncertainty is 1 - the score of the served version's prediction (its confidence in the whole video; "
+        "see workers/review.py). With --view, also adds a Data Manager tab 'Review next (stllm)' on the "
+        "project with the same tasks sorted by prediction score, so annotators get them in that order.",
+    )
+    ls_q.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    ls_q.add_argument("--top", type=int, help="at most this many tasks")
+    ls_q.add_argument("--view", action="store_true", help="add (or replace) the Data Manager tab")
+    ls_q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_labelstudio)

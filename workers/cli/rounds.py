@@ -92,12 +92,18 @@ def _round_start(args, store) -> int:
         prelabel=PrelabelSettings(window_s=args.window, stride_s=args.stride),
         margin=args.margin,
         force=args.force,
+        next_batch=args.next,
     )
     if isinstance(corrections, SnapshotCorrections):
         snap = corrections.snapshot
         labels = [x.name for x in snap.labels]
         print(f"snapshot {snap.id}: {len(snap.videos)} videos, labels {labels}", file=sys.stderr)
-    request = RoundRequest(corrections=corrections, settings=settings, store=str(store.root))
+    request = RoundRequest(
+        corrections=corrections,
+        settings=settings,
+        store=str(store.root),
+        candidates=_candidate_files(args.candidates),
+    )
     bar = RoundProgress(args.steps)
     try:
         task_id = client.submit_round(request, bar)  # without a broker the round runs here
@@ -110,7 +116,26 @@ def _round_start(args, store) -> int:
         print(f"round failed, serving unchanged: {info.get('error')}", file=sys.stderr)
         return 1
     print(json.dumps(info, indent=2))
+    for x in info.get("next_batch") or []:
+        print(f"next: {x['video']}  (uncertainty {x['uncertainty']:.3f} about {x['label']})", file=sys.stderr)
     return 0
+
+
+def _candidate_files(items: list[str]) -> list[str]:
+    """Candidate videos from files and folders (every video file under a folder, recursively)."""
+    from pathlib import Path
+
+    out = []
+    for item in items or []:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+        else:
+            out.append(item)
+    return out
+
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"}
 
 
 def add_parsers(sub) -> None:
@@ -164,6 +189,22 @@ def add_parsers(sub) -> None:
         help="the lower end of the bootstrap interval of the mAP@0.5 gain must be above this to promote",
     )
     r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
+    r.add_argument(
+        "--next",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the round, name the N videos most worth correcting next among --candidates (and, for "
+        "--from-fiftyone with --view, the dataset's samples outside the view): the version then serving "
+        "pre-labels them and the most uncertain win, labels taking turns; corrected videos never come back",
+    )
+    r.add_argument(
+        "--candidates",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="videos or folders of videos not corrected yet (for --next)",
+    )
     r.add_argument(
         "--no-masking", action="store_true", help="train without dynamic masking (and without MVM)"
     )

@@ -32,6 +32,9 @@ def _label_interface(label_config: str):
     return LabelInterface(label_config)
 
 
+REVIEW_VIEW_TITLE = "Review next (stllm)"  # the Data Manager tab `stllm labelstudio queue --view` makes
+
+
 @dataclass
 class LabelStudioAPI:
     url: str
@@ -84,6 +87,10 @@ class LabelStudioAPI:
                     "data": t.data or {},
                     "meta": t.meta or {},
                     "prediction_versions": sorted({p.model_version or "" for p in (t.predictions or [])}),
+                    "predictions": [
+                        {"model_version": _get(p, "model_version") or "", "score": _get(p, "score")}
+                        for p in (t.predictions or [])
+                    ],
                     "annotations": [a if isinstance(a, dict) else a.dict() for a in (t.annotations or [])],
                 }
             )
@@ -110,6 +117,36 @@ class LabelStudioAPI:
             model_version=prediction["model_version"],
         )
         return created.id
+
+    def review_view(self, project: int, title: str = REVIEW_VIEW_TITLE) -> int:
+        """A Data Manager tab on ``project`` listing the tasks nobody has annotated yet, lowest prediction
+        score (most uncertain) first; replaces an earlier tab of the same title. Returns its id."""
+        views = self._call(f"listing views of project {project}", self.client.views.list, project=project)
+        for v in views:
+            if (v.data or {}).get("title") == title:
+                self._call(f"deleting view {v.id}", self.client.views.delete, id=str(v.id))
+        data = {
+            "title": title,
+            "ordering": ["tasks:predictions_score"],
+            "filters": {
+                "conjunction": "and",
+                "items": [
+                    {
+                        "filter": "filter:tasks:total_annotations",
+                        "operator": "equal",
+                        "type": "Number",
+                        "value": 0,
+                    }
+                ],
+            },
+        }
+        view = self._call(
+            f"creating a view on project {project}",
+            self.client.views.create,
+            project=project,
+            data=data,
+        )
+        return view.id
 
     def flag_task(self, task: int, warning: str) -> None:
         """Set ``meta.stllm_warning`` on the task (the Data Manager can show and filter it), keeping the
@@ -157,6 +194,34 @@ class LabelStudioAPI:
                         headers={"Authorization": f"Basic {token}"},
                     )
         return ml.id
+
+
+def _get(obj, name: str):
+    """An attribute of an SDK object or a key of a dict (the SDK returns either, by endpoint)."""
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def review_queue(tasks: list[dict], version: str | None = None, top: int | None = None) -> list[dict]:
+    """The tasks to review next: those without an annotation, most uncertain first (1 - the score of their
+    prediction from ``version``, else of their latest prediction). Tasks without a prediction come last.
+    Returns [{"task", "uncertainty", "model_version", "video"}], at most ``top``."""
+    rows = []
+    for t in tasks:
+        if t.get("annotations"):
+            continue
+        preds = [p for p in t.get("predictions", []) if p.get("score") is not None]
+        chosen = [p for p in preds if p["model_version"] == version] or preds[-1:]
+        p = chosen[-1] if chosen else None
+        rows.append(
+            {
+                "task": t["id"],
+                "uncertainty": round(1.0 - float(p["score"]), 4) if p else None,
+                "model_version": p["model_version"] if p else None,
+                "video": next(iter(t.get("data", {}).values()), None),
+            }
+        )
+    rows.sort(key=lambda r: (r["uncertainty"] is None, -(r["uncertainty"] or 0.0), r["task"]))
+    return rows[:top] if top else rows
 
 
 def auth_header(url: str, api_key: str) -> str:

@@ -21,8 +21,11 @@ def frames_at_config_rate(duration_s: float, config: ProjectConfig) -> int:
 def prediction_from_result(result: dict, config: ProjectConfig) -> dict:
     """A worker's pre-label result -> one Label Studio prediction (model_version, score, regions).
 
-    Region ranges are integer, 1-based, inclusive frames at the project's frame rate; the prediction's score
-    is the mean region score (0 when the model found no event)."""
+    Region ranges are integer, 1-based, inclusive frames at the project's frame rate; each region's score is
+    its segment's mean P(yes). The prediction's score is the model's confidence in the whole video, 1 minus
+    its review uncertainty (workers.review): the Data Manager's "Prediction score" column sorted ascending
+    puts the tasks a correction teaches most first. A result without an uncertainty (made before it was
+    computed) scores the mean region score (0 when the model found no event)."""
     meta = result["meta"]
     n = frames_at_config_rate(meta["duration"], config)
     regions = []
@@ -41,7 +44,10 @@ def prediction_from_result(result: dict, config: ProjectConfig) -> dict:
                 "value": {"ranges": [{"start": first, "end": last}], "timelinelabels": [s["label"]]},
             }
         )
-    score = sum(r["score"] for r in regions) / len(regions) if regions else 0.0
+    if result.get("uncertainty") is not None:
+        score = 1.0 - float(result["uncertainty"])
+    else:
+        score = sum(r["score"] for r in regions) / len(regions) if regions else 0.0
     return {"result": regions, "score": round(score, 4), "model_version": result["model_version"]}
 
 

@@ -198,6 +198,16 @@ def snapshot_from_fiftyone(
     return Snapshot(labels=_vocabulary(videos, labels), videos=videos, sources=[source]).frozen()
 
 
+def fiftyone_outside_view(dataset_name: str, view_name: str) -> list[str]:
+    """The video files of a dataset's samples outside its saved view: what a round on that view has not
+    seen corrected (candidates for the next batch)."""
+    import fiftyone as fo
+
+    ds = fo.load_dataset(dataset_name)
+    inside = set(ds.load_saved_view(view_name).values("filepath"))
+    return sorted({p for p in ds.values("filepath") if p not in inside})
+
+
 def snapshot_from_labelstudio(pulled: dict) -> Snapshot:
     """Corrections from a Label Studio project, as ``workers.labelstudio.rest.pull_corrections`` pulls them:
     every task with a submitted annotation, its video probed here (fps, frames, duration). An annotated task

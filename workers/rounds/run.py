@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from workers.events import covered_share, windows
 from workers.jobs import decode_side, decode_windows, encode_video, prelabel_videos, result_segments
 from workers.media import is_remote
+from workers.review import next_batch
 from workers.rounds.corrections import accumulate, choose_windows, load_snapshot, save_snapshot, split_ids
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import bootstrap_gain, decide
@@ -58,6 +59,32 @@ class RoundResult:
     metrics: dict
     timings: dict
     reason: str
+    next_batch: list[dict] = field(default_factory=list)
+
+
+def suggest_next(
+    model,
+    snapshot: Snapshot,
+    candidates: list[str],
+    settings: RoundSettings,
+    prelabel: PrelabelSettings,
+) -> list[dict]:
+    """The ``settings.next_batch`` candidate videos most worth correcting next, by ``model``'s uncertainty
+    (workers.review.next_batch: labels take turns). A video already in ``snapshot`` is never suggested; at most
+    ``settings.next_pool`` candidates are pre-labeled (a seeded random draw); unreadable ones are left out."""
+    import random
+
+    done = {v.video for v in snapshot.videos} | {
+        os.path.realpath(v.video) for v in snapshot.videos if not is_remote(v.video)
+    }
+    pool = sorted({c for c in candidates if c not in done and os.path.realpath(c) not in done})
+    if len(pool) > settings.next_pool:
+        pool = sorted(random.Random(settings.train.seed).sample(pool, settings.next_pool))
+    if not pool or not settings.next_batch:
+        return []
+    results = prelabel_videos(model, pool, snapshot.labels, prelabel)
+    per = {r.video: r.label_uncertainty for r in results if r.error is None}
+    return next_batch(per, settings.next_batch)
 
 
 def init_store(store: ModelStore, base: str = "builtin") -> Path:
@@ -145,6 +172,11 @@ def serving_windows(store: ModelStore, name: str) -> dict[str, float]:
     return store.read()["versions"][name].get("windows") or {}
 
 
+def serving_windows_defaults(store: ModelStore, name: str) -> dict:
+    """Everything version ``name`` recorded for pre-labeling with it (windows, thresholds; empty for a base)."""
+    return store.read()["versions"][name].get("prelabel_defaults") or serving_windows(store, name)
+
+
 def previous_snapshot(store: ModelStore) -> Snapshot | None:
     """The snapshot the store's latest recorded round trained on (None before the first round)."""
     versions = store.read()["versions"]
@@ -161,9 +193,12 @@ def run_round(
     snapshot: Snapshot,
     settings: RoundSettings | None = None,
     progress: Callable[[str, dict], None] | None = None,
+    candidates: list[str] | None = None,
 ) -> RoundResult:
     """Run one round end to end (see the module docstring). Raises :class:`RoundRunning` when another
-    round holds the store; any other failure leaves the registry unchanged and removes the candidate."""
+    round holds the store; any other failure leaves the registry unchanged and removes the candidate.
+    With ``settings.next_batch`` and ``candidates`` (videos not corrected yet), the result names the next
+    videos to correct, chosen by the uncertainty of the version serving after the round."""
     from workers.stllm.io import load_model, save_model, set_prelabel_defaults
 
     s = settings or RoundSettings()
@@ -290,8 +325,9 @@ def run_round(
             gt = {i: by_id[i].segments for i in val_ids}
             cand_metrics = evaluate(cand_preds, gt, labels=labels).to_dict()
             serve_metrics = evaluate(serve_preds, gt, labels=labels).to_dict()
+            label_intervals: dict[str, tuple[float, float]] = {}
             gain, interval = bootstrap_gain(
-                cand_preds, serve_preds, gt, labels, s.resamples, s.confidence, s.train.seed
+                cand_preds, serve_preds, gt, labels, s.resamples, s.confidence, s.train.seed, label_intervals
             )
             gate = decide(
                 name,
@@ -303,10 +339,21 @@ def run_round(
                 s.margin,
                 s.label_drop,
                 s.force,
+                label_intervals,
             )
             timings["evaluate_s"] = round(time.perf_counter() - t, 2)
             promote, reason = gate.promote, gate.reason
             report("gate", {"promote": promote, "reason": reason})
+            suggested = []
+            if s.next_batch and candidates:
+                after = load_model(candidate_dir if promote else serving_dir, device=s.device, dtype=s.dtype)
+                if not promote:
+                    p_after = asked.resolved(serving_windows_defaults(store, serving_name))
+                else:
+                    p_after = p
+                suggested = suggest_next(after, snapshot, candidates, s, p_after)
+                del after
+                report("next", {"videos": [x["video"] for x in suggested]})
             store.add_version(
                 name,
                 {
@@ -324,6 +371,7 @@ def run_round(
                     "gate": gate.to_dict(),
                     "final_loss": history[-1] if history else None,
                     "timings": timings,
+                    "next_batch": suggested,
                 },
                 promote=promote,
             )
@@ -335,6 +383,7 @@ def run_round(
                 {"candidate": cand_metrics, "serving": serve_metrics},
                 timings,
                 reason,
+                suggested,
             )
         except BaseException:
             shutil.rmtree(
@@ -366,4 +415,10 @@ def run_round_request(request: RoundRequest, progress: Callable[[str, dict], Non
     :func:`run_round` on its store; returns the round's result as JSON."""
     snap = snapshot_for(request)
     log.info("round on snapshot %s: %d videos from %s", snap.id, len(snap.videos), snap.sources)
-    return asdict(run_round(ModelStore(request.store), snap, request.settings, progress))
+    candidates = list(request.candidates)
+    c = request.corrections
+    if request.settings.next_batch and isinstance(c, FiftyOneCorrections) and c.view:
+        from workers.rounds.corrections import fiftyone_outside_view
+
+        candidates += fiftyone_outside_view(c.dataset, c.view)
+    return asdict(run_round(ModelStore(request.store), snap, request.settings, progress, candidates))

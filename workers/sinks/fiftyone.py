@@ -8,8 +8,10 @@ from workers.schemas import FiftyOneSinkSpec
 class FiftyOneSink:
     """Writes results onto a FiftyOne dataset's samples, by sample id, in bulk.
 
-    prelabel -> ``<field>``: TemporalDetections (label, 1-based support, confidence, model_version on each);
-                a rerun replaces the detections of the same model version and keeps other versions'.
+    prelabel -> ``<field>``: TemporalDetections (label, 1-based support, confidence, uncertainty and
+                model_version on each); a rerun replaces the detections of the same model version and keeps
+                other versions'. ``<field>_uncertainty``: the video's review number (workers.review; sort on
+                it, highest first, to review what the model is least sure of), ``<field>_version`` beside it.
     ask      -> ``<field>`` answer text, ``<field>_p_yes`` (a sortable number), ``<field>_moment``
                 (TemporalDetection), ``<field>_version``.
     both     -> ``<field>_error``: why a video failed, None when it did not; ``metadata`` where missing.
@@ -42,6 +44,9 @@ class FiftyOneSink:
         if self.job == "prelabel":
             ensure(f, fo.EmbeddedDocumentField, embedded_doc_type=fo.TemporalDetections)
             ensure(f"{f}.detections.model_version", fo.StringField)
+            ensure(f"{f}.detections.uncertainty", fo.FloatField)
+            ensure(f"{f}_uncertainty", fo.FloatField)
+            ensure(f"{f}_version", fo.StringField)
         else:
             ensure(f, fo.StringField)
             ensure(f"{f}_p_yes", fo.FloatField)
@@ -72,11 +77,14 @@ class FiftyOneSink:
                         label=s["label"],
                         support=[s["first_frame"], s["last_frame"]],
                         confidence=s["score"],
+                        uncertainty=s.get("uncertainty"),
                         model_version=r["model_version"],
                     )
                     for s in r["segments"]
                 ]
                 sample[f] = fo.TemporalDetections(detections=kept + new)
+                sample[f"{f}_uncertainty"] = r.get("uncertainty")
+                sample[f"{f}_version"] = r["model_version"]
             else:
                 m = r.get("moment")
                 sample[f] = r.get("answer")

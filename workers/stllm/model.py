@@ -46,6 +46,14 @@ ONE_PASS_MAX_PREFIX = 320
 # ----------------------------------------------------------------------------------- the model
 
 
+def with_motion(features: torch.Tensor) -> torch.Tensor:
+    """(B, T, K, Dv) frame features -> (B, T, K, 2 Dv): each token with its change since the same token of the
+    previous frame (0 for the first frame). For a backbone with ``motion_input``."""
+    change = torch.zeros_like(features)
+    change[:, 1:] = features[:, 1:] - features[:, :-1]
+    return torch.cat([features, change], -1)
+
+
 @dataclass
 class WindowFeatures:
     """Frozen-encoder features of one video for windowed inference and training."""
@@ -232,6 +240,8 @@ class STLLM(nn.Module):
         """
         b, t = local.shape[:2]
         weights = next(self.fusion.parameters()).dtype  # bf16 after inference_weights(), else fp32
+        if self.backbone.motion_input:
+            local = with_motion(local)
         tokens = self.backbone.project(
             local.to(weights).flatten(0, 1), text
         )  # (B*T, K, D): K may differ from the feature count
@@ -239,6 +249,8 @@ class STLLM(nn.Module):
         if global_frames is not None:
             if b > 1 and global_frames.stride(0) == 0:  # one video's frames expanded over its windows:
                 global_frames = global_frames[:1]  # project and pool them once
+            if self.backbone.motion_input:
+                global_frames = with_motion(global_frames)
             if self.config.global_mean == "tokens":  # project every frame, then the mean (the original)
                 gb, tg = global_frames.shape[:2]
                 projected = self.backbone.project(global_frames.to(weights).flatten(0, 1), text)
@@ -296,6 +308,71 @@ class STLLM(nn.Module):
             if masking and mvm and self.config.mvm_weight > 0:
                 with torch.no_grad():
                     teacher = gather_tokens(forward(video)[:, h : h + length], keep)
+                mvm_term = mvm_loss(self.mvm_head(hidden[:, h : h + n_vid]), teacher)
+        loss = ce + self.config.mvm_weight * mvm_term
+        return {"loss": loss, "ce": ce.detach(), "mvm": mvm_term.detach(), "rho": torch.tensor(rho)}
+
+    def questions_loss(
+        self,
+        video: torch.Tensor,
+        questions: list[str],
+        targets: torch.Tensor,
+        choices: list[int],
+        masking: bool = True,
+        mvm: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """ST-LLM's training objective with every question of a window in one sequence, laid out as
+        :meth:`score` lays them out: the chat header, the (masked) video and the start every question shares
+        come once; each question follows side by side under a block mask, and its answer is read off its last
+        position as the cross-entropy over ``choices`` (token ids, e.g. of "yes" and "no").
+
+        video: (B, L, D) from :meth:`video_tokens`; targets: (B, Q) long, the index into ``choices`` of each
+        window's answer to each question, -1 where it has none (left out of the loss). Masking and MVM as in
+        :meth:`training_loss`; the teacher pass runs the header and the full video only. One step supervises
+        B x Q answers for about the cost of B one-question sequences with twice the text."""
+        device = self.device
+        b, length, _ = video.shape
+        q_ids = [self.question_ids(q) for q in questions]
+        shared = min(len(os.path.commonprefix(q_ids)), min(len(q) for q in q_ids) - 1)
+        after, rows = q_ids[0][:shared], [q[shared:] for q in q_ids]
+        targets = targets.to(device)
+        head = self._head_embeds(b).to(video.dtype)
+        h = head.shape[1]
+        rho = sample_mask_ratio(self.config, generator) if masking else 0.0
+        keep = keep_positions(b, length, rho, generator) if masking else None
+        student_video = gather_tokens(video, keep) if masking else video
+        n_vid = student_video.shape[1]
+        after_embeds = self.embed(torch.tensor([after], dtype=torch.long).view(1, -1)).expand(b, -1, -1)
+        plen = h + n_vid + len(after)
+        ids, positions, mask = self._side_by_side(rows, plen, with_prefix=True)
+        starts = list(itertools.accumulate(map(len, rows), initial=0))
+        last = torch.tensor([plen + starts[i] + len(r) - 1 for i, r in enumerate(rows)], device=device)
+        with self.autocast():
+            inputs = torch.cat(
+                [
+                    head,
+                    student_video,
+                    after_embeds.to(video.dtype),
+                    self.embed(ids).to(video.dtype).expand(b, -1, -1),
+                ],
+                1,
+            )
+            hidden = self.lm(
+                inputs_embeds=inputs,
+                attention_mask=mask.to(device).expand(b, -1, -1, -1),
+                position_ids=positions.to(device).expand(b, -1),
+                use_cache=False,
+            ).last_hidden_state
+            where = targets >= 0
+            options = torch.tensor(choices, device=device)
+            logits = self.backbone.lm_head(hidden[:, last][where])[:, options]
+            ce = F.cross_entropy(logits.float(), targets[where])
+            mvm_term = torch.zeros((), device=device)
+            if masking and mvm and self.config.mvm_weight > 0:
+                with torch.no_grad():
+                    full = self.lm(inputs_embeds=torch.cat([head, video], 1)).last_hidden_state
+                    teacher = gather_tokens(full[:, h:], keep)
                 mvm_term = mvm_loss(self.mvm_head(hidden[:, h : h + n_vid]), teacher)
         loss = ce + self.config.mvm_weight * mvm_term
         return {"loss": loss, "ce": ce.detach(), "mvm": mvm_term.detach(), "rho": torch.tensor(rho)}

@@ -34,6 +34,10 @@ class TrainOptions:
     checkpoint_every: int
     answer_choices: bool  # cross-entropy over the yes/no tokens only, as inference normalises them
     paired: bool  # each drawn example comes with its window's opposite answer to another question
+    # every drawn window answers every question of its batch (up to ``questions_per_step``) in one sequence,
+    # side by side as scoring runs them; needs ``answer_choices``
+    all_questions: bool = True
+    questions_per_step: int = 8
 
 
 @dataclass
@@ -62,6 +66,15 @@ def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, t
         lab[i, : len(la)] = torch.tensor(la)
         mask[i, : len(r)] = 1
     return ids, lab, mask
+
+
+def _tokens(model: STLLM, videos: list[WindowFeatures], keys: list[tuple[int, int]]) -> torch.Tensor:
+    """The video tokens of (video, window) pairs, with their videos' global part where every one has it."""
+    local = torch.stack([videos[v].windows[w] for v, w in keys])
+    glob = None
+    if all(len(videos[v].global_frames) for v, _ in keys):
+        glob = torch.stack([videos[v].global_frames for v, _ in keys])
+    return model.video_tokens(local, glob)
 
 
 def balanced_batches(examples: list[Example], settings: TrainOptions) -> list[list[Example]]:
@@ -104,6 +117,43 @@ def balanced_batches(examples: list[Example], settings: TrainOptions) -> list[li
     return batches
 
 
+def question_batches(
+    examples: list[Example], settings: TrainOptions
+) -> list[tuple[list[tuple[int, int]], list[str], list[list[int]]]]:
+    """``steps`` batches of (windows, questions, targets) for :meth:`STLLM.questions_loss`: windows are drawn
+    as :func:`balanced_batches` draws examples (a question uniformly, yes or no with equal chance, a window of
+    that kind), and each window answers every question of its batch: the ones drawn, then others at random up
+    to ``questions_per_step``. targets[i][j]: 0 for yes, 1 for no, -1 where window i has no clear answer to
+    question j. So a window that is a yes to one question is a no to the others it shows nothing of: what
+    tells the labels apart is in every step."""
+    rng = random.Random(settings.seed)
+    answers: dict[tuple[int, int], dict[str, str]] = {}
+    by_question: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    for ex in examples:
+        key = (ex.video, ex.window)
+        answers.setdefault(key, {})[ex.question] = ex.answer
+        by_question.setdefault(ex.question, {"yes": [], "no": []})[ex.answer].append(key)
+    questions = sorted(by_question)
+    if not questions:
+        raise ValueError("no training examples")
+    out = []
+    for _ in range(settings.steps):
+        keys, drawn = [], []
+        for _ in range(settings.batch_size):
+            q = rng.choice(questions)
+            kind = rng.choice([k for k in ("yes", "no") if by_question[q][k]])
+            keys.append(rng.choice(by_question[q][kind]))
+            if q not in drawn:
+                drawn.append(q)
+        chosen = drawn[: settings.questions_per_step]
+        rest = [q for q in questions if q not in chosen]
+        rng.shuffle(rest)
+        chosen += rest[: max(0, settings.questions_per_step - len(chosen))]
+        targets = [[{"yes": 0, "no": 1}.get(answers[k].get(q, ""), -1) for q in chosen] for k in keys]
+        out.append((keys, chosen, targets))
+    return out
+
+
 def train(
     model: STLLM,
     videos: list[WindowFeatures],
@@ -113,7 +163,28 @@ def train(
     progress: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; returns per-step losses. With ``checkpoint_dir``, state is saved every
-    ``checkpoint_every`` steps and a rerun resumes from the last checkpoint (same batches, same result)."""
+    ``checkpoint_every`` steps and a rerun resumes from the last checkpoint (same batches, same result).
+
+    On a CPU training computes in fp32 whatever the model's compute dtype (serving keeps it): with bf16
+    autocast the demo's round 1 ended at training CE 0.35 against 0.16 in fp32 at the same steps, and its
+    round 2 diverged (CE 0.52 -> 0.76, held-out window AUCs 0.54-0.76; bench/README.md). GPUs keep bf16."""
+    serving_dtype = model.compute_dtype
+    if model.device.type == "cpu":
+        model.compute_dtype = torch.float32
+    try:
+        return _train(model, videos, examples, settings, checkpoint_dir, progress)
+    finally:
+        model.compute_dtype = serving_dtype
+
+
+def _train(
+    model: STLLM,
+    videos: list[WindowFeatures],
+    examples: list[Example],
+    settings: TrainOptions,
+    checkpoint_dir: Path | None,
+    progress: Callable[[int, dict], None] | None,
+) -> list[dict]:
     torch.manual_seed(settings.seed)
     model.attach_lora()
     model.train()
@@ -139,7 +210,12 @@ def train(
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         start, history = state["step"], state["history"]
-    batches = balanced_batches(examples, settings)
+    if settings.all_questions and not settings.answer_choices:
+        raise ValueError("all_questions reads each answer as yes or no: it needs answer_choices")
+    batches = (question_batches if settings.all_questions else balanced_batches)(examples, settings)
+    yes_no = [model.text_ids("yes")[0], model.text_ids("no")[0]]
+    if settings.all_questions and yes_no[0] == yes_no[1]:
+        raise ValueError("'yes' and 'no' share their first token: train with all_questions=False")
     choices = None
     if settings.answer_choices:
         answers = sorted({ex.answer for ex in examples})
@@ -147,22 +223,30 @@ def train(
         if len(set(choices)) != len(choices):
             raise ValueError(f"answers {answers} share their first token: train with answer_choices=False")
     for step in range(start, settings.steps):
-        batch = batches[step]
-        local = torch.stack([videos[ex.video].windows[ex.window] for ex in batch])
-        glob = None
-        if all(len(videos[ex.video].global_frames) for ex in batch):
-            glob = torch.stack([videos[ex.video].global_frames for ex in batch])
-        ids, labels, mask = _encode_text(model, batch)
-        out = model.training_loss(
-            model.video_tokens(local, glob),
-            ids,
-            labels,
-            mask,
-            masking=settings.masking,
-            mvm=settings.mvm,
-            generator=gen,
-            choices=choices,
-        )
+        if settings.all_questions:
+            keys, questions, targets = batches[step]
+            out = model.questions_loss(
+                _tokens(model, videos, keys),
+                questions,
+                torch.tensor(targets, dtype=torch.long),
+                yes_no,
+                masking=settings.masking,
+                mvm=settings.mvm,
+                generator=gen,
+            )
+        else:
+            batch = batches[step]
+            ids, labels, mask = _encode_text(model, batch)
+            out = model.training_loss(
+                _tokens(model, videos, [(ex.video, ex.window) for ex in batch]),
+                ids,
+                labels,
+                mask,
+                masking=settings.masking,
+                mvm=settings.mvm,
+                generator=gen,
+                choices=choices,
+            )
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -42,6 +42,9 @@ class Backbone(nn.Module):
     # The most frames the encoder mixes over time in one clip (a temporal adapter: the clip length it was
     # trained on). None: every frame is encoded on its own, so a frame that several windows share is encoded once.
     clip_frames: int | None = None
+    # The connector reads each token's change since the previous frame beside the token (see
+    # STLLM.video_tokens): a temporal signal for an encoder that sees every frame alone.
+    motion_input: bool = False
 
     def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
         """(N, 3, S, S) -> (N, K, Dv). ``clip``: the frames form N / clip consecutive clips of ``clip`` frames

