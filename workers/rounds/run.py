@@ -172,11 +172,6 @@ def serving_windows(store: ModelStore, name: str) -> dict[str, float]:
     return store.read()["versions"][name].get("windows") or {}
 
 
-def serving_windows_defaults(store: ModelStore, name: str) -> dict:
-    """Everything version ``name`` recorded for pre-labeling with it (windows, thresholds; empty for a base)."""
-    return store.read()["versions"][name].get("prelabel_defaults") or serving_windows(store, name)
-
-
 def previous_snapshot(store: ModelStore) -> Snapshot | None:
     """The snapshot the store's latest recorded round trained on (None before the first round)."""
     versions = store.read()["versions"]
@@ -347,11 +342,10 @@ def run_round(
             suggested = []
             if s.next_batch and candidates:
                 after = load_model(candidate_dir if promote else serving_dir, device=s.device, dtype=s.dtype)
-                if not promote:
-                    p_after = asked.resolved(serving_windows_defaults(store, serving_name))
-                else:
-                    p_after = p
-                suggested = suggest_next(after, snapshot, candidates, s, p_after)
+                # as it serves: its own windows and thresholds unless the round was told others
+                suggested = suggest_next(
+                    after, snapshot, candidates, s, asked.resolved(after.prelabel_defaults)
+                )
                 del after
                 report("next", {"videos": [x["video"] for x in suggested]})
             store.add_version(
