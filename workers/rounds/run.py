@@ -6,11 +6,12 @@
               serving version's when they are within 1.5x of it), recorded in the version: pre-labeling
               with it uses them by default
     split     train / validation by a hash of each video id (stable across rounds)
-    train     window-level yes/no examples from overlap with the corrected segments, label-balanced and in
-              pairs; fresh LoRA + projector + global-local MLP + MVM head on the base model (or the served
-              version's, ``train_from="serving"``), masking + MVM on by default, seeded, resumable
+    train     window-level yes/no examples from overlap with the corrected segments, windows drawn
+              label-balanced, each answering every label's question in one sequence; fresh LoRA +
+              projector + global-local MLP + MVM head on the base model (or the served version's,
+              ``train_from="serving"``), masking + MVM on by default, seeded, resumable
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
-              interval of the mAP@0.5 gain, and no label lost; or forced
+              interval of the mAP@0.5 gain, and no label clearly lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
 
 A round that fails anywhere leaves the registry and the served version as they were.
