@@ -59,19 +59,32 @@ class Lab:
 
     def features(self, base: Path, video) -> tuple:
         """(decoded windows, encoder features) of one corrected video (a CorrectedVideo), cached per spec."""
+        import torch
+
         from workers.jobs import decode_side, decode_windows, encode_video
         from workers.stllm.io import MODEL_FILE, load_model
 
         spec = json.loads((base / MODEL_FILE).read_text())["backbone"]
         key = (json.dumps({k: spec.get(k) for k in ("vision", "grid")}, sort_keys=True), video.video)
         if key not in self._feats:
+            p = self.p
+            name = hashlib.sha1(
+                repr((key, p.window_s, p.stride_s, p.frames_per_window, p.global_frames)).encode()
+            )
+            cached = self.work / "features" / (name.hexdigest()[:16] + ".pt")
+            if cached.exists():  # encoder features on disk: a later run skips decoding and encoding
+                self._feats[key] = torch.load(cached, weights_only=False)
+                return self._feats[key]
             if not hasattr(self, "_encoder") or self._encoder[0] != key[0]:
                 self._encoder = (key[0], load_model(base, dtype="auto"))
-            enc, p = self._encoder[1], self.p
+            enc = self._encoder[1]
             d = decode_windows(
                 video.video, p.window_s, p.stride_s, p.frames_per_window, p.global_frames, decode_side(enc)
             )
             self._feats[key] = (d, encode_video(enc, d))
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self._feats[key], cached.with_suffix(".tmp"))
+            cached.with_suffix(".tmp").replace(cached)
         return self._feats[key]
 
     def probabilities(self, model, base: Path, videos) -> dict:
@@ -117,13 +130,17 @@ class Lab:
         torch.manual_seed(seed)
         model = load_model(base, dtype="auto", trainable=True)
         t = time.perf_counter()
-        train(
-            model,
-            feats,
-            examples,
-            TrainOptions(**settings.model_dump()),
-            progress=lambda k, r: k % 25 == 0 and print(f"      step {k}: {r}", flush=True),
-        )
+        ce: list[float] = []
+
+        def progress(k: int, record: dict) -> None:
+            ce.append(record["ce"])
+            if k % 25 == 0:
+                print(
+                    f"      step {k}: {record}; mean CE of the last 25 steps {np.mean(ce[-25:]):.3f}",
+                    flush=True,
+                )
+
+        train(model, feats, examples, TrainOptions(**settings.model_dump()), progress=progress)
         train_s = time.perf_counter() - t
         out = (
             self.work

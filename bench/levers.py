@@ -1,7 +1,8 @@
-"""The loop's levers, one at a time, on the demo's data: each variant trains round 1 (or round 2) from cached
-encoder features and is measured on the demo's held-out videos, so a lever costs a training run, not a demo.
+"""The loop's levers, one at a time, on the demo's data (or the second event set's: ``--set scenes``): each
+variant trains round 1 (or round 2) from cached encoder features and is measured on the set's held-out videos,
+so a lever costs a training run, not a demo.
 
-    .venv/bin/python bench/levers.py [--round 1] [--seeds 0 1 2] [--variants default masking_only ...]
+    .venv/bin/python bench/levers.py [--set line|scenes] [--round 1] [--seeds 0 1 2] [--variants default ...]
 
 Per variant and seed: held-out mAP@0.5 with the thresholds a round would choose on its validation videos,
 per-label AP@0.5 / window ROC-AUC, and the training time; then mean ± sd over the seeds. Variants (each a
@@ -11,9 +12,11 @@ TrainSettings, builtin spec or STLLMConfig change against the product's defaults
     masking_only   masking without the MVM loss             no_masking   neither
     one_question   one question per sequence, in pairs (the earlier recipe)
     no_motion      the connector without each token's change since the previous frame
+    standardize    the connector's input standardised with the round's training features (InputStandardizer)
     grid3          3 x 3 tokens per frame instead of 2 x 2
     lora_qv        LoRA on q and v only (the earlier targets)
     batch8         8 windows a step instead of 4          steps200     twice the steps
+    lr5e-4, lr1e-4 a lower learning rate than the default 2e-3
 """
 
 from __future__ import annotations
@@ -31,30 +34,52 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "no_masking": ({"masking": False, "mvm": False}, {}, {}),
     "one_question": ({"all_questions": False, "batch_size": 8}, {}, {}),
     "no_motion": ({}, {"motion": False}, {}),
+    "standardize": ({}, {"standardize": True}, {}),
     "grid3": ({}, {"grid": 3}, {}),
     "lora_qv": ({}, {}, {"lora_targets": ["q_proj", "v_proj"]}),
     "batch8": ({"batch_size": 8}, {}, {}),
     "steps200": ({"steps": 200}, {}, {}),
+    "lr5e-4": ({"lr": 5e-4}, {}, {}),
+    "lr1e-4": ({"lr": 1e-4}, {}, {}),
 }
 
 
-def demo_data(work: Path):
-    """The demo's three sets (held-out 12, two batches of 16 corrected 30 s line videos), generated once."""
+def event_data(name: str, work: Path):
+    """(labels, {"heldout", "batch1", "batch2"} snapshots) of an event set, generated once under ``work``.
+    line: the demo's sets (held-out 12, two batches of 16 corrected 30 s line videos). scenes: the second
+    event set as bench/scenes.py makes it (held-out 6, a batch of 12; batch 2 another 12)."""
     from workers.rounds.corrections import snapshot_from_ground_truth
     from workers.schemas import parse_labels
-    from workers.tools.linevideo import EVENT_DESCRIPTIONS, generate_dataset
 
-    labels = parse_labels([f"{k}: {v}" for k, v in EVENT_DESCRIPTIONS.items()])
+    if name == "line":
+        from workers.tools.linevideo import EVENT_DESCRIPTIONS as desc
+        from workers.tools.linevideo import generate_dataset
+
+        def make(d, n, seed):
+            return generate_dataset(d, n, seed=seed, duration=30.0)
+
+        plan = {"heldout": (12, 1000), "batch1": (16, 2000), "batch2": (16, 3000)}
+    else:
+        from workers.tools.scenevideo import SCENE_DESCRIPTIONS as desc
+        from workers.tools.scenevideo import generate_scene_dataset
+
+        def make(d, n, seed):
+            return generate_scene_dataset(d, n, seed=seed)
+
+        plan = {"heldout": (6, 900), "batch1": (12, 901), "batch2": (12, 903)}
+    labels = parse_labels([f"{k}: {v}" for k, v in desc.items()])
     out = {}
-    for name, (n, seed) in {"heldout": (12, 1000), "batch1": (16, 2000), "batch2": (16, 3000)}.items():
-        if not (work / name / "ground_truth.jsonl").exists():
-            generate_dataset(work / name, n, seed=seed, duration=30.0)
-        out[name] = snapshot_from_ground_truth(work / name / "ground_truth.jsonl", labels)
+    for part, (n, seed) in plan.items():
+        d = work / ("" if name == "line" else name) / part
+        if not (d / "ground_truth.jsonl").exists():
+            make(d, n, seed)
+        out[part] = snapshot_from_ground_truth(d / "ground_truth.jsonl", labels)
     return labels, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="line", choices=("line", "scenes"), help="line: the demo's; scenes")
     ap.add_argument("--round", type=int, default=1, choices=(1, 2), help="1: batch 1; 2: batches 1 and 2")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
@@ -65,11 +90,13 @@ def main() -> None:
 
     from workers.rounds.corrections import accumulate, choose_windows
 
-    labels, sets = demo_data(args.work)
+    labels, sets = event_data(args.set, args.work)
     snap = sets["batch1"] if args.round == 1 else accumulate(sets["batch1"], sets["batch2"])
     windows = choose_windows(snap)
     lab = Lab(args.work, labels, windows)
-    print(f"round {args.round}: {len(snap.videos)} corrected videos, windows {windows}", flush=True)
+    print(
+        f"{args.set}, round {args.round}: {len(snap.videos)} corrected videos, windows {windows}", flush=True
+    )
     results: dict[str, list] = {}
     for variant in args.variants:
         train_changes, spec_changes, config_changes = VARIANTS[variant]

@@ -278,3 +278,24 @@ def test_one_videos_global_frames_are_pooled_once_for_all_its_windows(tiny_model
         shared = tiny_model.video_tokens(feats[:, :2], feats[:1].expand(3, -1, -1, -1))
         separate = tiny_model.video_tokens(feats[:, :2], feats[:1].repeat(3, 1, 1, 1))
     torch.testing.assert_close(shared, separate)
+
+
+def test_input_standardizer_is_the_identity_until_fitted_then_centres_and_scales_once():
+    import torch
+
+    from workers.stllm.backbones.composed import InputStandardizer
+
+    s = InputStandardizer(3)
+    x = torch.tensor([[1.0, 10.0, -5.0], [3.0, 30.0, -5.0], [5.0, 50.0, -5.0]])
+    assert torch.equal(s(x), x)
+    s.fit(x)
+    y = s(x)
+    assert torch.allclose(y.mean(0), torch.zeros(3), atol=1e-6)
+    assert (
+        torch.allclose(y[:, :2].std(0), torch.ones(2)) and torch.isfinite(y).all()
+    )  # a constant dim stays finite
+    s.fit(x * 100)  # fitted once: a continued adapter keeps the statistics it was trained on
+    assert torch.allclose(s(x), y)
+    t = InputStandardizer(3)
+    t.load_state_dict(s.state_dict())
+    assert torch.allclose(t(x), y) and int(t.fitted) == 1

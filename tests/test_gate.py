@@ -77,19 +77,22 @@ def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:
     )
 
 
-def test_windows_fit_the_shortest_labels_typical_event():
+def test_windows_are_the_longest_whose_ceiling_stays_near_the_best():
+    from workers.rounds.corrections import CEILING_SHARE, WINDOW_CHOICES, window_ceiling
+
     labels = parse_labels(["jam", "hand"])
-    snap = Snapshot(
-        labels=labels,
-        videos=[
-            corrected(
-                "a", [seg("jam", 0, 6), seg("jam", 10, 18), seg("hand", 20, 21.3), seg("hand", 25, 26.1)]
-            )
-        ],
-    )
-    assert choose_windows(snap) == {"window_s": 2.0, "stride_s": 1.0}  # median hand 1.2 s / 0.5
+    short = [seg("jam", 0, 6), seg("jam", 10, 18), seg("hand", 20, 21.3), seg("hand", 25, 26.1)]
+    snap = Snapshot(labels=labels, videos=[corrected("a", short), corrected("b", short[:2])])
+    chosen = choose_windows(snap)
+    assert chosen["stride_s"] == chosen["window_s"] / 2
+    ceilings = {w: window_ceiling(snap, w) for w in WINDOW_CHOICES}
+    best = max(ceilings.values())
+    assert ceilings[chosen["window_s"]] >= CEILING_SHARE * best
+    assert all(c < CEILING_SHARE * best for w, c in ceilings.items() if w > chosen["window_s"])
+    assert chosen["window_s"] <= 2.0  # 1.1-1.3 s hands: a 4 s window would merge them into the background
+    assert ceilings[1.0] == pytest.approx(1.0) and ceilings[16.0] < 0.5
     long = Snapshot(labels=labels, videos=[corrected("a", [seg("jam", 0, 29), seg("hand", 0, 25)])])
-    assert choose_windows(long) == {"window_s": 16.0, "stride_s": 8.0}
+    assert choose_windows(long)["window_s"] >= 8.0  # events of 25-29 s: long windows lose nothing
     empty = Snapshot(labels=labels, videos=[corrected("a", [])])
     assert choose_windows(empty) == {"window_s": 4.0, "stride_s": 2.0}
 

@@ -442,10 +442,11 @@ def test_review_queue_orders_tasks_by_uncertainty_in_label_studio(label_studio, 
     assert [r["task"] for r in queued["tasks"]] == expected[:3]
     assert [r["uncertainty"] for r in queued["tasks"]] == [uncertainty[t] for t in expected[:3]]
 
-    # the Data Manager tab: Label Studio itself filters out the annotated task, and the tab asks for the
-    # prediction score order (Label Studio 1.23 left predictions_score empty here, so the order it returns
-    # through the API is not checked: the command's own list above is)
-    page = ls.tasks.list(project=project, view=queued["view"], fields="all")
-    assert sorted(t.id for t in page) == sorted(expected)
+    # the Data Manager tab: Label Studio itself filters out the annotated task and returns the rest lowest
+    # prediction score (most uncertain) first, the scores being the queued version's
+    page = list(ls.tasks.list(project=project, view=queued["view"], fields="all"))
+    assert [t.id for t in page] == expected
+    assert [t.predictions_score for t in page] == pytest.approx([1 - uncertainty[t] for t in expected])
     tab = ls.views.get(id=str(queued["view"]))
     assert tab.data["ordering"] == ["tasks:predictions_score"] and tab.data["title"] == "Review next (stllm)"
+    assert ls.projects.get(id=project).model_version == "base"

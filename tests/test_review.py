@@ -58,3 +58,12 @@ def test_next_batch_spreads_over_labels_and_never_repeats_a_corrected_video():
     assert videos[0] in ("v2", "rare")
     only = next_batch(candidates, 50, exclude=set(candidates) - {"v5"})
     assert [p["video"] for p in only] == ["v5"]  # asking for more than is left gives what is left
+
+
+def test_review_tab_sorts_on_the_served_version_or_the_queues_most_common():
+    from workers.labelstudio.rest import queue_version
+
+    rows = [{"model_version": v} for v in ("round-1", "round-2", "round-2", None)]
+    assert queue_version(rows, "round-1") == "round-1"  # served, and some tasks have its predictions
+    assert queue_version(rows, "round-3") == "round-2"  # served has none yet: what most tasks carry
+    assert queue_version([{"model_version": None}], "base") is None

@@ -78,15 +78,18 @@ def _prelabel(args) -> int:
 
 def _queue(args) -> int:
     """Print the project's unannotated tasks, most uncertain first; ``--view`` adds the Data Manager tab."""
-    from workers.labelstudio.rest import LabelStudioAPI, LabelStudioError, review_queue
+    from workers.labelstudio.rest import LabelStudioAPI, LabelStudioError, queue_version, review_queue
     from workers.labelstudio.settings import BackendSettings
     from workers.pool.client import served_version
 
     try:
         api = LabelStudioAPI.from_env(*BackendSettings().connection())
         tasks = api.tasks(args.project)
-        rows = review_queue(tasks, served_version(), args.top)
-        view = api.review_view(args.project) if args.view else None
+        served = served_version()
+        rows = review_queue(tasks, served, args.top)
+        view = None
+        if args.view:
+            view = api.review_view(args.project, queue_version(review_queue(tasks, served), served))
     except LabelStudioError as e:
         print(f"stllm labelstudio queue: {e}", file=sys.stderr)
         return 2

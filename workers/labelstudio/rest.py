@@ -118,9 +118,21 @@ class LabelStudioAPI:
         )
         return created.id
 
-    def review_view(self, project: int, title: str = REVIEW_VIEW_TITLE) -> int:
+    def review_view(self, project: int, version: str | None = None, title: str = REVIEW_VIEW_TITLE) -> int:
         """A Data Manager tab on ``project`` listing the tasks nobody has annotated yet, lowest prediction
-        score (most uncertain) first; replaces an earlier tab of the same title. Returns its id."""
+        score (most uncertain) first; replaces an earlier tab of the same title. Returns its id.
+
+        Label Studio's prediction score column averages only the predictions of the project's model version
+        (and is empty where none matches; a new project's is ""): with ``version``, the project's model
+        version is set to it, so the tab sorts on that version's scores and the labeling view shows its
+        pre-labels."""
+        if version:
+            self._call(
+                f"setting project {project}'s model version",
+                self.client.projects.update,
+                id=project,
+                model_version=version,
+            )
         views = self._call(f"listing views of project {project}", self.client.views.list, project=project)
         for v in views:
             if (v.data or {}).get("title") == title:
@@ -222,6 +234,15 @@ def review_queue(tasks: list[dict], version: str | None = None, top: int | None 
         )
     rows.sort(key=lambda r: (r["uncertainty"] is None, -(r["uncertainty"] or 0.0), r["task"]))
     return rows[:top] if top else rows
+
+
+def queue_version(rows: list[dict], served: str | None) -> str | None:
+    """The model version a review tab sorts on: ``served`` where any queued task has its prediction, else
+    the version most of the queue's predictions come from (None without predictions)."""
+    versions = [r["model_version"] for r in rows if r["model_version"]]
+    if served in versions:
+        return served
+    return max(set(versions), key=lambda v: (versions.count(v), v)) if versions else None
 
 
 def auth_header(url: str, api_key: str) -> str:

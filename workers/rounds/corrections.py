@@ -92,20 +92,50 @@ def accumulate(previous: Snapshot | None, new: Snapshot) -> Snapshot:
     return Snapshot(labels=list(labels.values()), videos=list(videos.values()), sources=sources).frozen()
 
 
+WINDOW_CHOICES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
+CEILING_SHARE = 0.85  # a window is long enough to choose while its ceiling is this share of the best one's
+CEILING_VIDEOS = 100  # the corrected videos the choice looks at, at most (a fixed sample: cost bounded)
+
+
+def window_ceiling(snapshot: Snapshot, window_s: float, yes_overlap: float = 0.5) -> float:
+    """What windows of ``window_s`` every half window allow on the snapshot's own corrections: mAP@0.5 of
+    the segments that perfect window probabilities (each window's covered share as P(yes), threshold
+    ``yes_overlap``, edges between window centres as pre-labeling places them) give against the corrected
+    segments. Looks at up to ``CEILING_VIDEOS`` videos (those with the lowest id hash)."""
+    from workers.events import covered_share, segments_from_probabilities, window_cores, windows
+    from workers.rounds.evaluation import evaluate
+
+    videos = sorted(snapshot.videos, key=lambda v: _unit_hash(v.video_id))[:CEILING_VIDEOS]
+    predicted, truth = {}, {}
+    for v in videos:
+        names = v.labels if v.labels is not None else [x.name for x in snapshot.labels]
+        spans = windows(v.duration, window_s, window_s / 2)
+        cores = window_cores(spans, window_s / 2, v.duration)
+        centres = [(a + b) / 2 for a, b in spans]
+        segs = []
+        for name in names:
+            mine = [x for x in v.segments if x.label == name]
+            probs = np.array([covered_share(mine, a, b) for a, b in spans])
+            segs += segments_from_probabilities(
+                name, cores, probs, v.fps, v.n_frames, high=yes_overlap, centres=centres
+            )
+        predicted[v.video_id] = segs
+        truth[v.video_id] = [x for x in v.segments if x.label in names]
+    return evaluate(predicted, truth).map_at(0.5)
+
+
 def choose_windows(snapshot: Snapshot, yes_overlap: float = 0.5) -> dict[str, float]:
-    """Windows that fit the corrected events. A window is a 'yes' for a label when its events cover
-    ``yes_overlap`` of it, so the window is as long as lets the typical (median-length) event of every
-    label give 'yes' windows: the shortest per-label median duration / ``yes_overlap``, down to half a
-    second, within 1-16 s; the stride is half the window. Without segments: 4 s every 2 s."""
-    durations: dict[str, list[float]] = {}
-    for v in snapshot.videos:
-        for x in v.segments:
-            if x.end_s > x.start_s:
-                durations.setdefault(x.label, []).append(x.end_s - x.start_s)
-    if not durations:
+    """Windows that fit the corrected events: the longest of ``WINDOW_CHOICES`` (1-16 s, stride half the
+    window) whose :func:`window_ceiling` on these corrections is at least ``CEILING_SHARE`` of the best
+    choice's. Short windows place edges finely, long ones cost fewer windows per hour and give each window
+    more context; the ceiling says how much of what is being labelled a window length can still find. Without
+    segments: 4 s every 2 s."""
+    if not any(x.end_s > x.start_s for v in snapshot.videos for x in v.segments):
         return {"window_s": FALLBACK_WINDOW_S, "stride_s": FALLBACK_WINDOW_S / 2}
-    shortest = min(float(np.median(d)) for d in durations.values())
-    window = float(np.clip(np.floor(shortest / max(yes_overlap, 0.05) * 2) / 2, 1.0, 16.0))
+    ceilings = {w: window_ceiling(snapshot, w, yes_overlap) for w in WINDOW_CHOICES}
+    best = max(ceilings.values())
+    window = max(w for w, c in ceilings.items() if c >= CEILING_SHARE * best - 1e-9)
+    log.info("windows: ceilings %s -> %.1f s", {w: round(c, 3) for w, c in ceilings.items()}, window)
     return {"window_s": window, "stride_s": window / 2}
 
 

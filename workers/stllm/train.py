@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from workers.stllm.model import IGNORE, STLLM, WindowFeatures
+from workers.stllm.model import IGNORE, STLLM, WindowFeatures, with_motion
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,21 @@ def question_batches(
     return out
 
 
+def fit_input_statistics(model: STLLM, videos: list[WindowFeatures], most: int = 1024) -> None:
+    """Fit a connector's input standardizer (the builtin's ``"standardize"``) on the training windows' features,
+    up to ``most`` windows spread evenly over them (the cost does not grow with the round). Nothing for a
+    backbone without one, or one already fitted (a continued adapter keeps its statistics)."""
+    standardizer = getattr(model.backbone, "standardizer", None)
+    if standardizer is None or int(standardizer.fitted):
+        return
+    keys = [(v, w) for v, f in enumerate(videos) for w in range(len(f.windows))]
+    keys = keys[:: max(1, len(keys) // most)][:most]
+    x = torch.stack([videos[v].windows[w] for v, w in keys]).float()  # (N, F, K, Dv)
+    if model.backbone.motion_input:
+        x = with_motion(x)
+    standardizer.fit(x.flatten(0, 2))
+
+
 def train(
     model: STLLM,
     videos: list[WindowFeatures],
@@ -186,6 +201,7 @@ def _train(
     progress: Callable[[int, dict], None] | None,
 ) -> list[dict]:
     torch.manual_seed(settings.seed)
+    fit_input_statistics(model, videos)
     model.attach_lora()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -41,6 +41,34 @@ class TokenGridPool(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+class InputStandardizer(nn.Module):
+    """Per-dimension (x - mean) / std of the connector's input, with the mean and std of a round's own training
+    features (:meth:`fit`; buffers, saved with the model). Until fitted it is the identity, so a fresh model
+    answers as without it. A frozen ImageNet encoder's features of real footage are dominated by what the scene
+    shows, common to every window; the event is in a few dimensions' small changes. Centred and scaled, every
+    dimension starts on an equal footing (a linear probe on the same features needs it too)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Set the statistics from ``x`` (N, dim) once; later calls keep them (a round that continues the
+        served version's adapters keeps what they were trained on)."""
+        if int(self.fitted):
+            return
+        x = x.float()
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-3 * float(x.std(0).mean()) + 1e-6))
+        self.fitted.fill_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 def _patch_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     """(N, P(+1 CLS), C) ViT tokens -> (N, C, s, s) patch map, dropping a leading CLS token if present."""
     n, p, c = tokens.shape
@@ -181,6 +209,7 @@ class ComposedBackbone(Backbone):
         self.projector = nn.Sequential(
             nn.Linear(vision_dim, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, self.hidden_size)
         )
+        self.standardizer = InputStandardizer(vision_dim) if spec.get("standardize") else None
 
     def _vision_dim(self) -> int:
         with torch.no_grad():
@@ -196,7 +225,11 @@ class ComposedBackbone(Backbone):
         return self.pool(fmap)  # (N, grid*grid, Dv)
 
     def project(self, features: torch.Tensor, text: str | None = None) -> torch.Tensor:
+        if self.standardizer is not None:
+            features = self.standardizer(features)
         return self.projector(features)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
+        if self.standardizer is not None:
+            return {"projector": self.projector, "standardizer": self.standardizer}
         return {"projector": self.projector}
