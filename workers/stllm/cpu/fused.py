@@ -43,9 +43,12 @@ _GELU = {"GELUTanh": True, "PytorchGELUTanh": True, "NewGELUActivation": True, "
 _SILU = {"SiLU", "SiLUActivation"}
 
 
-def _onednn_switched_on() -> bool:
-    """oneDNN's fused kernels are built into this torch."""
-    return torch.backends.mkldnn.is_available()
+def _onednn_switched_on(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's fused kernels are built into this torch and run ``dtype`` on this CPU (bf16 needs AVX512
+    BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU the bf16 model keeps torch's own layers)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def gelu_algorithm(tanh_form: bool, exact: bool = True) -> str:
@@ -66,7 +69,7 @@ def gelu_algorithm(tanh_form: bool, exact: bool = True) -> str:
 def fusion_available(weight: torch.Tensor) -> bool:
     """True where oneDNN's fused linear kernel can run ``weight``: a bf16 CPU tensor on a build with oneDNN."""
     return (
-        _onednn_switched_on()
+        _onednn_switched_on(torch.bfloat16)
         and weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -283,7 +286,7 @@ class FoldedConv(nn.Module):
             dtype = torch.get_autocast_dtype("cpu")
             x, weight = x.to(dtype), weight.to(dtype)
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if x.device.type == "cpu" and x.dtype == weight.dtype and not grad and _onednn_switched_on():
+        if x.device.type == "cpu" and x.dtype == weight.dtype and not grad and _onednn_switched_on(x.dtype):
             attr, scalars = ("hardtanh", [0.0, 6.0]) if self.relu6 else ("none", [])
             return torch.ops.mkldnn._convolution_pointwise(
                 x,
