@@ -105,3 +105,18 @@ def test_refinement_keeps_edges_at_the_video_ends_and_checks_its_input():
     assert seg.start_s == 0.0 and 2.0 < seg.end_s < 3.0
     with pytest.raises(ValueError, match="centres"):
         segments_from_probabilities("x", spans, probs, 10.0, 60, centres=centres[:-1])
+
+
+def test_covered_shares_of_many_windows_equal_each_windows_covered_share():
+    from workers.events import covered_share, covered_shares
+    from workers.schemas import Segment
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        segs = []
+        for _ in range(int(rng.integers(0, 6))):  # overlapping, touching, nested and empty segments
+            a = float(rng.uniform(0, 28))
+            segs.append(Segment.from_seconds("e", a, a + float(rng.uniform(0, 4)), 10.0, 300))
+        spans = windows(30.0, float(rng.choice([1.0, 2.5, 4.0])), 0.7)
+        expected = [covered_share(segs, a, b) for a, b in spans]
+        assert covered_shares(segs, spans) == pytest.approx(expected, abs=1e-9)

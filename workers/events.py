@@ -144,3 +144,25 @@ def covered_share(segments: list[Segment], start: float, end: float) -> float:
     if cur_e is not None:
         total += cur_e - cur_s
     return total / (end - start)
+
+
+def covered_shares(segments: list[Segment], spans: list[tuple[float, float]]) -> np.ndarray:
+    """:func:`covered_share` of every window in ``spans`` at once: the union of ``segments`` as a cumulative
+    covered-time curve, read at each window's ends (O(segments log segments + windows), for many windows)."""
+    merged: list[list[float]] = []
+    for a, b in sorted((s.start_s, s.end_s) for s in segments if s.end_s > s.start_s):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    starts = np.array([a for a, _ in spans], dtype=float)
+    ends = np.array([b for _, b in spans], dtype=float)
+    if not merged:
+        return np.zeros(len(spans))
+    knots = np.array(merged).ravel()  # a0 b0 a1 b1 ...: the curve rises on [a, b] and is flat between
+    lengths = np.diff(np.array(merged), axis=1).ravel()
+    level = np.concatenate([[0.0], np.cumsum(lengths)])
+    values = np.empty(len(knots))
+    values[0::2], values[1::2] = level[:-1], level[1:]
+    covered = np.interp(ends, knots, values) - np.interp(starts, knots, values)
+    return covered / np.maximum(ends - starts, 1e-12)

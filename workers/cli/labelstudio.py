@@ -86,10 +86,9 @@ def _queue(args) -> int:
         api = LabelStudioAPI.from_env(*BackendSettings().connection())
         tasks = api.tasks(args.project)
         served = served_version()
-        rows = review_queue(tasks, served, args.top)
-        view = None
-        if args.view:
-            view = api.review_view(args.project, queue_version(review_queue(tasks, served), served))
+        queue = review_queue(tasks, served)
+        rows = queue[: args.top] if args.top else queue
+        view = api.review_view(args.project, queue_version(queue, served)) if args.view else None
     except LabelStudioError as e:
         print(f"stllm labelstudio queue: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from workers.schemas import FALLBACK_WINDOW_S, CorrectedVideo, EventLabel, Snapshot
 
 log = logging.getLogger(__name__)
@@ -94,18 +92,25 @@ def accumulate(previous: Snapshot | None, new: Snapshot) -> Snapshot:
 
 WINDOW_CHOICES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 CEILING_SHARE = 0.85  # a window is long enough to choose while its ceiling is this share of the best one's
-CEILING_VIDEOS = 100  # the corrected videos the choice looks at, at most (a fixed sample: cost bounded)
+CEILING_VIDEOS = 100  # the corrected videos the choice looks at, at most (a fixed sample: cost bounded) ...
+CEILING_HOURS = 10.0  # ... and hours of them (at least one video)
 
 
 def window_ceiling(snapshot: Snapshot, window_s: float, yes_overlap: float = 0.5) -> float:
     """What windows of ``window_s`` every half window allow on the snapshot's own corrections: mAP@0.5 of
     the segments that perfect window probabilities (each window's covered share as P(yes), threshold
     ``yes_overlap``, edges between window centres as pre-labeling places them) give against the corrected
-    segments. Looks at up to ``CEILING_VIDEOS`` videos (those with the lowest id hash)."""
-    from workers.events import covered_share, segments_from_probabilities, window_cores, windows
+    segments. Looks at up to ``CEILING_VIDEOS`` videos and ``CEILING_HOURS`` of them (those with the lowest
+    id hash), so the choice costs the same however large the snapshot grows."""
+    from workers.events import covered_shares, segments_from_probabilities, window_cores, windows
     from workers.rounds.evaluation import evaluate
 
-    videos = sorted(snapshot.videos, key=lambda v: _unit_hash(v.video_id))[:CEILING_VIDEOS]
+    videos, hours = [], 0.0
+    for v in sorted(snapshot.videos, key=lambda v: _unit_hash(v.video_id))[:CEILING_VIDEOS]:
+        if videos and hours + v.duration / 3600 > CEILING_HOURS:
+            break
+        videos.append(v)
+        hours += v.duration / 3600
     predicted, truth = {}, {}
     for v in videos:
         names = v.labels if v.labels is not None else [x.name for x in snapshot.labels]
@@ -114,8 +119,7 @@ def window_ceiling(snapshot: Snapshot, window_s: float, yes_overlap: float = 0.5
         centres = [(a + b) / 2 for a, b in spans]
         segs = []
         for name in names:
-            mine = [x for x in v.segments if x.label == name]
-            probs = np.array([covered_share(mine, a, b) for a, b in spans])
+            probs = covered_shares([x for x in v.segments if x.label == name], spans)
             segs += segments_from_probabilities(
                 name, cores, probs, v.fps, v.n_frames, high=yes_overlap, centres=centres
             )

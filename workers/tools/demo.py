@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.events import covered_share
+from workers.events import covered_shares
 from workers.jobs import prelabel_videos, result_segments
 from workers.rounds.corrections import snapshot_from_ground_truth
 from workers.rounds.evaluation import EvaluationReport, evaluate, window_auc
@@ -64,10 +64,8 @@ def _coverage_segments(
 ) -> list[Segment]:
     """The ceiling of a version's windows: segments from perfect window probabilities (the share of each
     window the ground truth covers), through the same thresholds, merging and edge refinement."""
-    perfect = {
-        label: [covered_share([g for g in gt if g.label == label], a, b) for a, b in result.windows]
-        for label in EVENTS
-    }
+    spans = [tuple(w) for w in result.windows]
+    perfect = {label: covered_shares([g for g in gt if g.label == label], spans).tolist() for label in EVENTS}
     return result_segments(result.model_copy(update={"window_probs": perfect}), EVENTS, settings)
 
 
