@@ -389,3 +389,34 @@ def test_a_later_round_keeps_the_served_windows_unless_the_events_call_for_other
         }
     ).frozen()
     assert choose_windows(stretched)["window_s"] >= 1.5 * first["window_s"]
+
+
+def test_a_round_on_the_scene_videos_learns_what_the_base_model_does_not(tmp_path, tiny_spec):
+    """The second, differently made event set (real footage, other events, sizes and frame rates): a round
+    from its corrections separates blackout windows on held-out scene videos that the base model cannot."""
+    from workers.jobs import prelabel_videos
+    from workers.rounds.evaluation import window_auc
+    from workers.stllm.io import load_model
+    from workers.tools.scenevideo import SCENE_DESCRIPTIONS, generate_scene_dataset
+
+    labels = parse_labels([f"{k}: {SCENE_DESCRIPTIONS[k]}" for k in ("blackout", "crossing")])
+    generate_scene_dataset(tmp_path / "corrections", 6, seed=41, duration=(20.0, 26.0))
+    heldout = generate_scene_dataset(tmp_path / "heldout", 2, seed=42, duration=(20.0, 26.0))
+    gt = {r["video"]: [Segment.model_validate(s) for s in r["segments"]] for r in heldout}
+    store = ModelStore(tmp_path / "store")
+    init_store(store, tiny_spec)
+    snap = snapshot_from_ground_truth(tmp_path / "corrections" / "ground_truth.jsonl", labels)
+    s = quick_settings(steps=60, seed=0)
+    s.prelabel = PrelabelSettings(frames_per_window=2, global_frames=4)  # the round chooses its windows
+    s.force = True
+    result = run_round(store, snap, s)
+
+    def blackout_auc(version: str) -> float:
+        model = load_model(store.version_dir(version), dtype="fp32")
+        results = prelabel_videos(model, list(gt), labels, s.prelabel)
+        assert all(r.error is None for r in results)
+        spans = {r.video: [tuple(w) for w in r.windows] for r in results}
+        return window_auc(spans, {r.video: r.window_probs for r in results}, gt, ["blackout"])["blackout"]
+
+    base, learned = blackout_auc("base"), blackout_auc(result.version)
+    assert learned >= 0.85 and learned >= base + 0.2, (base, learned)

@@ -25,6 +25,7 @@ BUILTIN_SPEC: dict[str, Any] = {
     "lm": BUILTIN_LM,
     "grid": 2,
     "motion": True,
+    "standardize": True,
 }
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stllm"
 
