@@ -147,8 +147,9 @@ def test_packed_weights_are_made_once_and_follow_the_weights_they_pack():
 
 
 def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_path, monkeypatch):
-    """A fine-tuned version (LoRA adapters on the decoder, not merged) loaded for serving: the fused kernels
-    and packed weights reach the adapters' layers too, and the scores match the eager bf16 path."""
+    """A fine-tuned version (LoRA adapters on the decoder) loaded for serving: the adapters are merged into
+    the decoder's layers, the fused kernels and packed weights reach those layers, and the scores match the
+    eager bf16 path."""
     import pytest
 
     from workers.stllm.cpu.fused import FusedLinear, fusion_available
@@ -176,8 +177,11 @@ def test_a_served_lora_version_scores_alike_on_the_fused_and_eager_paths(tmp_pat
 
     fused_model, fused = scores(True)
     _, eager = scores(False)
-    adapters = [m for n, m in fused_model.named_modules() if n.endswith("lora_A.default")]
-    assert adapters and all(isinstance(m, FusedLinear) for m in adapters)
+    assert fused_model.merged_adapter and not any("lora" in n for n, _ in fused_model.named_modules())
+    adapted = [
+        m for n, m in fused_model.lm.named_modules() if n.endswith(tuple(fused_model.config.lora_targets))
+    ]
+    assert adapted and all(isinstance(m, FusedLinear) for m in adapted)
     torch.testing.assert_close(fused, eager, atol=0.05, rtol=0)
 
 

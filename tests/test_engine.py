@@ -235,6 +235,8 @@ def test_masking_off_gives_no_mvm_term(tiny_model):
 
 
 def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
+    """Loaded to train on, a saved model answers bit for bit as before; loaded to serve, its adapter is merged
+    into the decoder (no LoRA layer is left) and it answers the same up to float rounding."""
     model = tiny_model
     model.attach_lora()
     for p in model.parameters():  # make every trainable part non-trivial, LoRA B included
@@ -244,11 +246,18 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
     feats = torch.randn(2, 3, 4, 32)
     before = model.score(model.video_tokens(feats, feats), ["Is it?"], ["yes", "no"])
     save_model(model, tmp_path / "m", version="round-7")
-    loaded = load_model(tmp_path / "m", device="cpu")
-    assert loaded.version == "round-7"
     assert (tmp_path / "m" / "adapter" / "adapter_config.json").exists()
-    after = loaded.score(loaded.video_tokens(feats, feats), ["Is it?"], ["yes", "no"])
+    again = load_model(tmp_path / "m", device="cpu", trainable=True).eval()
+    assert again.version == "round-7"
+    after = again.score(again.video_tokens(feats, feats), ["Is it?"], ["yes", "no"])
     torch.testing.assert_close(before, after, atol=0, rtol=0)
+    served = load_model(tmp_path / "m", device="cpu")
+    assert served.version == "round-7" and served.merged_adapter
+    assert not any("lora" in name for name, _ in served.named_modules())
+    merged = served.score(served.video_tokens(feats, feats), ["Is it?"], ["yes", "no"])
+    torch.testing.assert_close(before, merged, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="trainable=True"):
+        save_model(served, tmp_path / "again")
 
 
 def test_smolvlm2_backbone_encodes_frames_through_its_connector(tmp_path):

@@ -98,7 +98,9 @@ def init_store(store: ModelStore, base: str = "builtin") -> Path:
     path = store.root / "versions" / "base"
     fresh = not isinstance(base, str) or not is_model_dir(base)
     save_model(
-        build_model(base, device="cpu") if fresh else load_model(base, device="cpu"), path, version="base"
+        build_model(base, device="cpu") if fresh else load_model(base, device="cpu", trainable=True),
+        path,
+        version="base",
     )
     store.init(base, path)
     return path

@@ -87,6 +87,11 @@ def build_model(
 
 def save_model(model: STLLM, directory: str | os.PathLike, version: str | None = None) -> Path:
     """Write ``model`` to ``directory`` (created; written under a temporary name and renamed into place)."""
+    if getattr(model, "merged_adapter", None):
+        raise ValueError(
+            f"this model was loaded for serving, its adapter ({model.merged_adapter}) merged into the decoder; "
+            "load it with trainable=True to save it"
+        )
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=False)

@@ -78,6 +78,7 @@ class STLLM(nn.Module):
         self.fusion = GlobalLocalFusion(dim, min(self.config.global_bottleneck, dim))
         self.mvm_head = MVMHead(dim)
         self.lm = backbone.decoder  # replaced by a peft model when LoRA is attached
+        self.merged_adapter: str | None = None  # the adapter merged into the decoder's weights (load_lora)
         self.compute_dtype = torch.float32
         self.version = "base"
         # what its round chose for pre-labeling with it: {"window_s", "stride_s", "thresholds": {label: P}}
@@ -120,10 +121,14 @@ class STLLM(nn.Module):
         self.lm = get_peft_model(self.backbone.decoder, lora)
 
     def load_lora(self, adapter_dir: str, trainable: bool = False) -> None:
-        """Load a saved LoRA adapter onto the decoder (trainable to continue training it)."""
+        """Load a saved LoRA adapter onto the decoder: ``trainable`` to continue training it, else merged
+        into the decoder's weights for serving (plain linear layers: no per-layer adapter calls, and the CPU
+        hook's fused kernels apply to them as to the base model's). A merged model cannot be saved again."""
         from peft import PeftModel
 
-        self.lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
+        lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
+        self.lm = lm if trainable else lm.merge_and_unload()
+        self.merged_adapter = None if trainable else adapter_dir
 
     def inference_weights(self, cpu: CpuServing | None = None) -> STLLM:
         """Store every weight in the compute dtype (bf16 on GPUs and bf16-capable CPUs) for serving: half the
