@@ -12,6 +12,7 @@ TrainSettings, builtin spec or STLLMConfig change against the product's defaults
     masking_only   masking without the MVM loss             no_masking   neither
     one_question   one question per sequence, in pairs (the earlier recipe)
     no_motion      the connector without each token's change since the previous frame
+    signed_motion  the signed change instead of its absolute value (the earlier input)
     raw_input      the connector reads the encoder's features as they are (not standardised, InputStandardizer)
     grid3          3 x 3 tokens per frame instead of 2 x 2
     lora_qv        LoRA on q and v only (the earlier targets)
@@ -34,6 +35,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "no_masking": ({"masking": False, "mvm": False}, {}, {}),
     "one_question": ({"all_questions": False, "batch_size": 8}, {}, {}),
     "no_motion": ({}, {"motion": False}, {}),
+    "signed_motion": ({}, {"motion": True}, {}),
     "raw_input": ({}, {"standardize": False}, {}),
     "grid3": ({}, {"grid": 3}, {}),
     "lora_qv": ({}, {}, {"lora_targets": ["q_proj", "v_proj"]}),

@@ -225,6 +225,29 @@ def test_motion_input_gives_the_connector_each_tokens_change(tiny_spec):
     assert torch.allclose(plain.video_tokens(still)[:, 2 * k :], plain.video_tokens(moving)[:, 2 * k :])
 
 
+def test_motion_magnitude_gives_the_connector_how_much_each_token_changed(tiny_spec):
+    from workers.stllm.io import build_model
+    from workers.stllm.model import with_motion
+
+    feats = torch.randn(2, 3, 4, 32)
+    mag = with_motion(feats, magnitude=True)
+    assert torch.allclose(mag[:, 2, :, 32:], (feats[:, 2] - feats[:, 1]).abs())
+    assert bool((mag[..., 32:] >= 0).all())
+    model = build_model({**tiny_spec, "motion": "magnitude"}, device="cpu", dtype="fp32").eval()
+    assert model.backbone.motion_input and model.backbone.motion_magnitude
+    # a change and its opposite are the same amount of motion
+    back = torch.stack([feats[:, 0], feats[:, 1], feats[:, 0]], 1)
+    fwd = torch.stack([feats[:, 0], feats[:, 1], 2 * feats[:, 1] - feats[:, 0]], 1)
+    k = model.backbone.tokens_per_frame
+    assert torch.allclose(
+        with_motion(back, True)[:, 2, :, 32:], with_motion(fwd, True)[:, 2, :, 32:], atol=1e-5
+    )
+    signed = build_model({**tiny_spec, "motion": True}, device="cpu", dtype="fp32").eval()
+    assert not signed.backbone.motion_magnitude
+    assert model.video_tokens(feats).shape == signed.video_tokens(feats).shape
+    assert model.video_tokens(feats).shape[:2] == (2, 3 * k)
+
+
 def test_masking_off_gives_no_mvm_term(tiny_model):
     feats, ids, lab, mask = _toy_batch(tiny_model, 2, torch.Generator().manual_seed(0))
     video = tiny_model.video_tokens(feats)

@@ -46,12 +46,13 @@ ONE_PASS_MAX_PREFIX = 320
 # ----------------------------------------------------------------------------------- the model
 
 
-def with_motion(features: torch.Tensor) -> torch.Tensor:
+def with_motion(features: torch.Tensor, magnitude: bool = False) -> torch.Tensor:
     """(B, T, K, Dv) frame features -> (B, T, K, 2 Dv): each token with its change since the same token of the
-    previous frame (0 for the first frame). For a backbone with ``motion_input``."""
+    previous frame (0 for the first frame), or with the change's absolute value (``magnitude``: "nothing moves"
+    is then a small input, which a signed change of random sign is not). For a backbone with ``motion_input``."""
     change = torch.zeros_like(features)
     change[:, 1:] = features[:, 1:] - features[:, :-1]
-    return torch.cat([features, change], -1)
+    return torch.cat([features, change.abs() if magnitude else change], -1)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class STLLM(nn.Module):
         b, t = local.shape[:2]
         weights = next(self.fusion.parameters()).dtype  # bf16 after inference_weights(), else fp32
         if self.backbone.motion_input:
-            local = with_motion(local)
+            local = with_motion(local, self.backbone.motion_magnitude)
         tokens = self.backbone.project(
             local.to(weights).flatten(0, 1), text
         )  # (B*T, K, D): K may differ from the feature count
@@ -255,7 +256,7 @@ class STLLM(nn.Module):
             if b > 1 and global_frames.stride(0) == 0:  # one video's frames expanded over its windows:
                 global_frames = global_frames[:1]  # project and pool them once
             if self.backbone.motion_input:
-                global_frames = with_motion(global_frames)
+                global_frames = with_motion(global_frames, self.backbone.motion_magnitude)
             if self.config.global_mean == "tokens":  # project every frame, then the mean (the original)
                 gb, tg = global_frames.shape[:2]
                 projected = self.backbone.project(global_frames.to(weights).flatten(0, 1), text)

@@ -165,7 +165,7 @@ def fit_input_statistics(model: STLLM, videos: list[WindowFeatures], most: int =
     keys = keys[:: max(1, len(keys) // most)][:most]
     x = torch.stack([videos[v].windows[w] for v, w in keys]).float()  # (N, F, K, Dv)
     if model.backbone.motion_input:
-        x = with_motion(x)
+        x = with_motion(x, model.backbone.motion_magnitude)
     standardizer.fit(x.flatten(0, 2))
 
 

