@@ -246,6 +246,8 @@ def test_motion_magnitude_gives_the_connector_how_much_each_token_changed(tiny_s
     assert not signed.backbone.motion_magnitude
     assert model.video_tokens(feats).shape == signed.video_tokens(feats).shape
     assert model.video_tokens(feats).shape[:2] == (2, 3 * k)
+    with pytest.raises(ValueError, match="magnitude"):
+        build_model({**tiny_spec, "motion": "magnitud"}, device="cpu", dtype="fp32")
 
 
 def test_masking_off_gives_no_mvm_term(tiny_model):

@@ -206,6 +206,8 @@ class ComposedBackbone(Backbone):
         self.hidden_size = causal_lm.config.hidden_size
         self.pool = TokenGridPool(spec.get("grid", 2))
         self.tokens_per_frame = self.pool.grid**2
+        if spec.get("motion", False) not in (True, False, "magnitude"):
+            raise ValueError(f'backbone spec "motion": true, false or "magnitude", not {spec["motion"]!r}')
         self.motion_input = bool(spec.get("motion", False))
         self.motion_magnitude = spec.get("motion") == "magnitude"
         vision_dim = self._vision_dim() * (2 if self.motion_input else 1)
