@@ -190,6 +190,8 @@ class ComposedBackbone(Backbone):
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if spec.get("motion", False) not in (True, False, "magnitude"):
+            raise ValueError(f'backbone spec "motion": true, false or "magnitude", not {spec["motion"]!r}')
         self.spec = dict(spec)
         vision_ref = spec["vision"]
         lm_ref = str(_smollm2_dir(cache_dir)) if spec["lm"] == BUILTIN_LM else spec["lm"]
@@ -206,8 +208,6 @@ class ComposedBackbone(Backbone):
         self.hidden_size = causal_lm.config.hidden_size
         self.pool = TokenGridPool(spec.get("grid", 2))
         self.tokens_per_frame = self.pool.grid**2
-        if spec.get("motion", False) not in (True, False, "magnitude"):
-            raise ValueError(f'backbone spec "motion": true, false or "magnitude", not {spec["motion"]!r}')
         self.motion_input = bool(spec.get("motion", False))
         self.motion_magnitude = spec.get("motion") == "magnitude"
         vision_dim = self._vision_dim() * (2 if self.motion_input else 1)
