@@ -60,6 +60,17 @@ def test_next_batch_spreads_over_labels_and_never_repeats_a_corrected_video():
     assert [p["video"] for p in only] == ["v5"]  # asking for more than is left gives what is left
 
 
+def test_next_batch_gives_its_first_turns_to_the_labels_the_model_is_least_sure_of():
+    # three labels, a batch of two: the label every video is sure about ("a_known", first by name) gets no turn
+    candidates = {
+        f"v{i}": {"a_known": 0.05 + i * 0.01, "b_unsure": 0.7 - i * 0.02, "c_unsure": 0.5 + i * 0.03}
+        for i in range(6)
+    }
+    picked = next_batch(candidates, 2)
+    assert [p["label"] for p in picked] == ["b_unsure", "c_unsure"]
+    assert [p["video"] for p in picked] == ["v0", "v5"]  # each label's most uncertain video
+
+
 def test_review_tab_sorts_on_the_served_version_or_the_queues_most_common():
     from workers.labelstudio.rest import queue_version
 

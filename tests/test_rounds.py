@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -100,6 +101,24 @@ def test_a_round_records_a_version_and_promotes_only_when_better(store, snapshot
     assert set(result.timings) == {"collect_s", "train_s", "evaluate_s"}
 
 
+def test_a_training_run_at_chance_is_judged_diverged_and_a_learning_one_is_not():
+    from workers.rounds.run import diverged
+
+    learning = [{"ce": 0.69 - 0.006 * k} for k in range(100)]
+    stuck = [{"ce": 0.69 - 0.006 * k} for k in range(25)] + [{"ce": 0.74}] * 75  # rose back above chance
+    assert not diverged(learning) and diverged(stuck)
+    assert not diverged(stuck, answer_choices=False)  # a full-vocabulary cross-entropy has another chance
+    assert not diverged(stuck[-6:])  # too short to judge
+
+
+def test_a_round_whose_training_diverges_starts_again_at_another_seed_and_half_the_rate(store, snapshot):
+    # a learning rate no run survives: every attempt ends above chance, and each one is on the record
+    result = run_round(store, snapshot, quick_settings(steps=8, lr=50.0))
+    attempts = store.read()["versions"][result.version]["attempts"]
+    assert [(a["seed"], a["lr"]) for a in attempts] == [(0, 50.0), (1, 25.0)]
+    assert attempts[0]["diverged"] and attempts[0]["final_ce"] >= 0.95 * math.log(2)
+
+
 def test_a_forced_round_is_served_and_rollback_restores_the_earlier_version(store, snapshot):
     s = quick_settings()
     s.force = True
@@ -171,7 +190,7 @@ def _hold_lock(root: str, ready, name: str) -> None:
 def _try_lock(root: str, start, out) -> None:
     from workers.rounds.registry import ModelStore, RoundRunning
 
-    start.wait()
+    start.wait()  # a barrier: every racer is up before any tries, however slowly the machine starts them
     try:
         with ModelStore(root).round_lock("racer"):
             out.put(1)
@@ -195,12 +214,10 @@ def test_the_round_lock_is_released_by_process_death_and_never_shared(store):
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(30)
     _assert_lock_free(store)  # no stale lock to take over
-    start, out = ctx.Event(), ctx.Queue()
+    start, out = ctx.Barrier(4), ctx.Queue()
     racers = [ctx.Process(target=_try_lock, args=(str(store.root), start, out)) for _ in range(4)]
     for r in racers:
         r.start()
-    time.sleep(1.0)
-    start.set()
     wins = sum(out.get(timeout=60) for _ in racers)
     for r in racers:
         r.join(30)
@@ -333,13 +350,14 @@ def test_round_two_trains_on_round_ones_corrections_too(tmp_path, tiny_spec, sna
     versions = s.read()["versions"]
     frozen = json.loads((s.root / versions["round-2"]["snapshot_path"]).read_text())
     assert {v["video_id"] for v in frozen["videos"]} == {v.video_id for v in snapshot.videos}
-    assert versions["round-2"]["trained_from"] == "base" and versions["round-2"]["parent"] == "round-1"
+    # by default a round trains on from the served version
+    assert versions["round-2"]["trained_from"] == "round-1" and versions["round-2"]["parent"] == "round-1"
     settings.accumulate = False
-    settings.train_from = "serving"
+    settings.train_from = "base"
     run_round(s, second, settings)
     third = s.read()["versions"]["round-3"]
     assert len(json.loads((s.root / third["snapshot_path"]).read_text())["videos"]) == 3
-    assert third["trained_from"] == "round-2"
+    assert third["trained_from"] == "base"
 
 
 def test_a_later_round_keeps_the_served_windows_unless_the_events_call_for_other_ones(

@@ -274,7 +274,7 @@ def window_probabilities_many(
         logp = model.score(video[i : i + batch], list(questions), ["yes", "no"])  # (b, Q, 2)
         out.append(logp.softmax(-1)[..., 0])
     probs = torch.cat(out).numpy()
-    bounds = np.cumsum([0] + [len(d.window_index) for d in decoded])
+    bounds = np.cumsum([0] + [len(f.windows) for f in features])
     return [probs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 

@@ -74,9 +74,15 @@ def next_batch(
     """The ``n`` videos to correct next from ``candidates`` (video -> label -> uncertainty), never one in
     ``exclude`` (already corrected). Labels take turns: each turn takes the not yet
     chosen video that is most uncertain about that label, so every label gets its share of the batch.
+    The label the model is least sure of over the whole pool (highest mean uncertainty) goes first, so a
+    batch smaller than the label count leaves out the labels it knows best, not the last by name.
     Returns [{"video", "label", "uncertainty", "video_uncertainty"}] in the order they were picked."""
     pool = {v: per for v, per in candidates.items() if v not in exclude and per}
-    labels = sorted({label for per in pool.values() for label in per})
+    need = {
+        label: float(np.mean([per.get(label, 0.0) for per in pool.values()]))
+        for label in {label for per in pool.values() for label in per}
+    }
+    labels = sorted(need, key=lambda label: (-need[label], label))
     overall = {v: float(np.mean(list(per.values()))) for v, per in pool.items()}
     order = {
         label: sorted(pool, key=lambda v, lab=label: (-pool[v].get(lab, 0.0), -overall[v], v))

@@ -7,9 +7,12 @@
               with it uses them by default
     split     train / validation by a hash of each video id (stable across rounds)
     train     window-level yes/no examples from overlap with the corrected segments, windows drawn
-              label-balanced, each answering every label's question in one sequence; fresh LoRA +
-              projector + global-local MLP + MVM head on the base model (or the served version's,
-              ``train_from="serving"``), masking + MVM on by default, seeded, resumable
+              label-balanced, each answering every label's question in one sequence; the served
+              version's LoRA + projector + global-local MLP + MVM head trained on (fresh ones on the base
+              model with ``train_from="base"``), masking + MVM on by default, seeded, resumable; a run that
+              learned nothing (answer cross-entropy at chance over its last quarter) starts again once
+              at another seed and half the learning rate (``retries``)
+    thresholds each label's P(yes) threshold, chosen on the validation and training videos
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
               interval of the mAP@0.5 gain, and no label clearly lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
@@ -20,11 +23,12 @@ A round that fails anywhere leaves the registry and the served version as they w
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import bootstrap_gain, decide
 from workers.rounds.registry import ModelStore, RegistryError
 from workers.schemas import (
+    CorrectedVideo,
     FiftyOneCorrections,
     PrelabelResult,
     PrelabelSettings,
@@ -146,6 +151,63 @@ def _predict(
     return out
 
 
+CHANCE_CE = math.log(2)  # cross-entropy of a 50/50 answer to a yes/no question
+
+
+def diverged(history: list[dict], answer_choices: bool = True) -> bool:
+    """Whether a training run learned nothing: the mean answer cross-entropy over its last quarter of steps is
+    at or above 95% of chance (ln 2). Rounds draw yes and no equally often, so a model that has learned
+    anything scores below it; one above it answers confidently wrong. Only for the yes/no cross-entropy
+    (``answer_choices``); a run of under 8 steps is too short to judge."""
+    if not answer_choices or len(history) < 8:
+        return False
+    tail = [r["ce"] for r in history[-max(2, len(history) // 4) :]]
+    return float(np.mean(tail)) >= 0.95 * CHANCE_CE
+
+
+def _attempt(options: TrainOptions, history: list[dict]) -> dict:
+    tail = [r["ce"] for r in history[-max(2, len(history) // 4) :]] if history else [float("nan")]
+    return {
+        "seed": options.seed,
+        "lr": options.lr,
+        "final_ce": round(float(np.mean(tail)), 4),
+        "diverged": diverged(history, options.answer_choices),
+    }
+
+
+def checked_only(result: PrelabelResult, video: CorrectedVideo) -> PrelabelResult:
+    """``result`` with the window probabilities of only the labels ``video`` was checked for: an unchecked
+    label's events are unknown, so its windows say nothing about where a threshold belongs."""
+    probs = {k: v for k, v in result.window_probs.items() if video.checked_for(k)}
+    return result.model_copy(update={"window_probs": probs})
+
+
+def _score_training(
+    model, feats: list, index: dict[str, int], spans: dict, snapshot: Snapshot, labels: list[str]
+) -> dict[str, PrelabelResult]:
+    """The training videos' window probabilities under ``model``, from the encoder features the round
+    already holds (no video is decoded again); each with only the labels its video was checked for."""
+    from workers.jobs import window_probabilities_many
+    from workers.schemas import VideoMeta
+
+    by_id = {v.video_id: v for v in snapshot.videos}
+    ids = list(index)
+    questions = [label.question() for label in snapshot.labels]
+    probs = window_probabilities_many(model, [None] * len(ids), questions, 32, [feats[index[i]] for i in ids])
+    out = {}
+    for i, pr in zip(ids, probs, strict=True):
+        windows, info = spans[i]
+        r = PrelabelResult(
+            video=by_id[i].video,
+            model_version=model.version,
+            meta=VideoMeta(fps=info.fps, n_frames=info.n_frames, duration=info.duration),
+            windows=windows,
+            window_probs={n: [float(x) for x in pr[:, j]] for j, n in enumerate(labels)},
+        )
+        out[i] = checked_only(r, by_id[i])
+    return out
+
+
 THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.1, 0.91, 0.05))
 
 
@@ -153,18 +215,20 @@ def tune_thresholds(
     results: dict[str, PrelabelResult], gt: dict[str, list[Segment]], labels: list[str], p: PrelabelSettings
 ) -> dict[str, float]:
     """Per label, the P(yes) threshold that gives the best AP (mean over tIoU 0.3-0.7, so edges count) on
-    these (validation) videos, trying 0.10-0.90 on the window probabilities already scored; ties go to the
+    these videos (a round's: validation and training), each counted for the labels its ``window_probs`` hold,
+    trying 0.10-0.90 on the window probabilities already scored; ties go to the
     threshold nearest 0.5. Balanced training leaves a rare label's probabilities lower than a common
     one's: one threshold for all labels would miss the rare ones even where their windows rank well."""
     out = {}
     for label in labels:
-        if not any(g.label == label for segs in gt.values() for g in segs):
+        if not any(g.label == label for i, segs in gt.items() if i in results for g in segs):
             continue  # nothing to tune on: the default stays
         best = (-1.0, 0.0, 0.5)
         for t in THRESHOLDS:
             trial = p.model_copy(update={"thresholds": {label: t}, "high": None, "low": None})
-            preds = {i: result_segments(r, [label], trial) for i, r in results.items()}
-            ap = evaluate(preds, gt, labels=[label]).mean_ap
+            having = {i: r for i, r in results.items() if label in r.window_probs}
+            preds = {i: result_segments(r, [label], trial) for i, r in having.items()}
+            ap = evaluate(preds, {i: gt[i] for i in having}, labels=[label]).mean_ap
             best = max(best, (ap, -abs(t - 0.5), t))
         out[label] = best[2]
     return out
@@ -250,7 +314,7 @@ def run_round(
             start = store.version_dir("base") if s.train_from == "base" else serving_dir
             model = load_model(start, device=s.device, dtype=s.dtype, trainable=True)
             by_id = {v.video_id: v for v in snapshot.videos}
-            feats, index, skipped = [], {}, {}
+            feats, index, skipped, spans = [], {}, {}, {}
             for i in train_ids:
                 try:
                     d = decode_windows(
@@ -267,6 +331,7 @@ def run_round(
                     continue
                 index[i] = len(feats)
                 feats.append(encode_video(model, d))
+                spans[i] = (d.spans, d.info)
                 report("features", {"video": len(index) + len(skipped), "of": len(train_ids)})
             if not feats:
                 raise ValueError(f"no training video could be read: {list(skipped.values())[:3]}")
@@ -276,14 +341,29 @@ def run_round(
 
             t = time.perf_counter()
             work.mkdir(parents=True, exist_ok=True)
+            options = TrainOptions(**s.train.model_dump())
             history = train(
-                model,
-                feats,
-                examples,
-                TrainOptions(**s.train.model_dump()),
-                work,
-                progress=lambda k, r: report("train", {"step": k, **r}),
+                model, feats, examples, options, work, lambda k, r: report("train", {"step": k, **r})
             )
+            attempts = [_attempt(options, history)]
+            for retry in range(1, s.retries + 1):
+                if not attempts[-1]["diverged"]:
+                    break
+                # a fresh start (the same starting version) at another seed and half the rate
+                options = replace(options, seed=options.seed + retry, lr=options.lr / 2)
+                log.warning("round %s: training did not learn (%s); retrying", name, attempts[-1])
+                report("retry", {**attempts[-1], "next_seed": options.seed, "next_lr": options.lr})
+                model = load_model(start, device=s.device, dtype=s.dtype, trainable=True)
+                (work / f"retry-{retry}").mkdir(exist_ok=True)
+                history = train(
+                    model,
+                    feats,
+                    examples,
+                    options,
+                    work / f"retry-{retry}",
+                    lambda k, r: report("train", {"step": k, **r}),
+                )
+                attempts.append(_attempt(options, history))
             timings["train_s"] = round(time.perf_counter() - t, 2)
 
             t = time.perf_counter()
@@ -296,12 +376,16 @@ def run_round(
             labels = [label.name for label in snapshot.labels]
             unreadable: dict[str, str] = {}
             cand_results = _predict(candidate, snapshot, val_ids, p, unreadable)
-            del candidate
-            gt = {i: by_id[i].segments for i in cand_results}
             if s.tune_thresholds and asked.high is None and not asked.thresholds:
-                defaults["thresholds"] = tune_thresholds(cand_results, gt, labels, p)
+                # on the training videos too (their encoder features are at hand): a validation split of a
+                # few videos holds a rare label's events a handful of times, and its best threshold is noise
+                tuning = {i: checked_only(r, by_id[i]) for i, r in cand_results.items()}
+                tuning |= _score_training(candidate, feats, index, spans, snapshot, labels)
+                gt_all = {i: by_id[i].segments for i in tuning}
+                defaults["thresholds"] = tune_thresholds(tuning, gt_all, labels, p)
                 set_prelabel_defaults(candidate_dir, defaults)
                 p = p.resolved(defaults)
+            del candidate
             cand_preds = {
                 i: [x for x in result_segments(r, labels, p) if by_id[i].checked_for(x.label)]
                 for i, r in cand_results.items()
@@ -367,6 +451,7 @@ def run_round(
                     "metrics": {"validation": cand_metrics, "parent_validation": serve_metrics},
                     "gate": gate.to_dict(),
                     "final_loss": history[-1] if history else None,
+                    "attempts": attempts,
                     "timings": timings,
                     "next_batch": suggested,
                 },
