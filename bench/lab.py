@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +108,17 @@ class Lab:
             )
         return out
 
-    def train(self, snapshot, base: Path, train_changes: dict | None = None, seed: int = 0):
-        """One round on ``snapshot`` from ``base``: (trained model for inference, validation video ids,
-        thresholds tuned on them, training seconds). Split, examples and thresholds as run_round makes them."""
+    def train(
+        self, snapshot, base: Path, train_changes: dict | None = None, seed: int = 0, with_path: bool = False
+    ):
+        """One round on ``snapshot`` from ``base`` (the base model, or an earlier round's saved model to train
+        on): (trained model for inference, thresholds tuned on its validation and training videos, training
+        seconds[, the saved model's directory with ``with_path``]). Split, examples, the retry of a run that
+        ends at chance and the thresholds as run_round makes them."""
         import torch
 
         from workers.rounds.corrections import split_ids
-        from workers.rounds.run import tune_thresholds, window_examples
+        from workers.rounds.run import checked_only, diverged, tune_thresholds, window_examples
         from workers.schemas import RoundSettings, TrainSettings
         from workers.stllm.io import load_model, save_model
         from workers.stllm.train import Example, TrainOptions, train
@@ -140,7 +144,15 @@ class Lab:
                     flush=True,
                 )
 
-        train(model, feats, examples, TrainOptions(**settings.model_dump()), progress=progress)
+        options = TrainOptions(**settings.model_dump())
+        history = train(model, feats, examples, options, progress=progress)
+        if diverged(
+            history, options.answer_choices
+        ):  # as a round does: once more, another seed, half the rate
+            options = replace(options, seed=options.seed + 1, lr=options.lr / 2)
+            print(f"      ended at chance: again at seed {options.seed}, lr {options.lr}", flush=True)
+            model = load_model(base, dtype="auto", trainable=True)
+            train(model, feats, examples, options, progress=progress)
         train_s = time.perf_counter() - t
         out = (
             self.work
@@ -153,10 +165,11 @@ class Lab:
         model = load_model(out, dtype="auto")
         thresholds = {}
         if val_ids:
-            val = self.probabilities(model, base, [by_id[i] for i in val_ids])
-            gt = {i: list(by_id[i].segments) for i in val_ids}
-            thresholds = tune_thresholds(val, gt, self.names, self.p)
-        return model, thresholds, train_s
+            scored = self.probabilities(model, base, [by_id[i] for i in val_ids + train_ids])
+            scored = {i: checked_only(r, by_id[i]) for i, r in scored.items()}
+            gt = {i: list(by_id[i].segments) for i in scored}
+            thresholds = tune_thresholds(scored, gt, self.names, self.p)
+        return (model, thresholds, train_s, out) if with_path else (model, thresholds, train_s)
 
     def measure(self, model, base: Path, heldout, thresholds: dict, train_s: float = 0.0) -> Measured:
         """Held-out mAP@0.5, per-label AP@0.5 and window ROC-AUC of ``model`` cut at ``thresholds``."""

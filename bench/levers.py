@@ -17,7 +17,13 @@ TrainSettings, builtin spec or STLLMConfig change against the product's defaults
     grid3          3 x 3 tokens per frame instead of 2 x 2
     lora_qv        LoRA on q and v only (the earlier targets)
     batch8         8 windows a step instead of 4          steps200     twice the steps
-    lr5e-4, lr1e-4 a lower learning rate than the default 2e-3
+    lr2e-3         the earlier learning rate (twice the default 1e-3)
+    lr5e-4         half the default
+    lora_dropout   dropout 0.05 on the adapters' input (the earlier setting; the default is none)
+
+``--round 2`` trains as the product does: round 1 on batch 1, then round 2 on batches 1 and 2 from round 1's
+model (``train_from="serving"``), both at the variant's settings; the table shows both rounds. ``--fresh``
+trains round 2 from the base model instead (``train_from="base"``).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "lora_qv": ({}, {}, {"lora_targets": ["q_proj", "v_proj"]}),
     "batch8": ({"batch_size": 8}, {}, {}),
     "steps200": ({"steps": 200}, {}, {}),
+    "lr2e-3": ({"lr": 2e-3}, {}, {}),
     "lr5e-4": ({"lr": 5e-4}, {}, {}),
-    "lr1e-4": ({"lr": 1e-4}, {}, {}),
+    "lora_dropout": ({}, {}, {"lora_dropout": 0.05}),
 }
 
 
@@ -79,12 +86,22 @@ def event_data(name: str, work: Path):
     return labels, out
 
 
+def _show(variant: str, seed: int, m, names: list[str]) -> None:
+    print(
+        f"{variant:<14} seed {seed}  mAP@0.5 {m.map50:.3f}  "
+        + "  ".join(f"{n[:6]} {m.per_label.get(n, 0):.2f}/{m.auc[n] or 0:.2f}" for n in names)
+        + f"  train {m.train_s:.0f} s",
+        flush=True,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="line", choices=("line", "scenes"), help="line: the demo's; scenes")
     ap.add_argument("--round", type=int, default=1, choices=(1, 2), help="1: batch 1; 2: batches 1 and 2")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--fresh", action="store_true", help="round 2 from the base model, not from round 1")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stllm-levers")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,15 +121,16 @@ def main() -> None:
         train_changes, spec_changes, config_changes = VARIANTS[variant]
         base = lab.base(spec_changes, config_changes)
         for seed in args.seeds:
-            model, thresholds, train_s = lab.train(snap, base, train_changes, seed)
+            start = base
+            if args.round == 2 and not args.fresh:  # round 1 first, as the product's round 2 starts from it
+                model, thresholds, train_s, start = lab.train(sets["batch1"], base, train_changes, seed, True)
+                m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
+                results.setdefault(f"{variant} r1", []).append(m)
+                _show(f"{variant} r1", seed, m, lab.names)
+            model, thresholds, train_s = lab.train(snap, start, train_changes, seed)
             m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
             results.setdefault(variant, []).append(m)
-            print(
-                f"{variant:<14} seed {seed}  mAP@0.5 {m.map50:.3f}  "
-                + "  ".join(f"{n[:6]} {m.per_label.get(n, 0):.2f}/{m.auc[n] or 0:.2f}" for n in lab.names)
-                + f"  train {train_s:.0f} s",
-                flush=True,
-            )
+            _show(variant, seed, m, lab.names)
     print("\nheld-out mAP@0.5, mean ± sd over seeds (per label: AP@0.5 mean / window ROC-AUC mean):")
     for variant, ms in results.items():
         per = "  ".join(
