@@ -93,6 +93,7 @@ def _round_start(args, store) -> int:
         margin=args.margin,
         force=args.force,
         next_batch=args.next,
+        train_from=args.train_from,
     )
     if isinstance(corrections, SnapshotCorrections):
         snap = corrections.snapshot
@@ -189,6 +190,13 @@ def add_parsers(sub) -> None:
         help="the lower end of the bootstrap interval of the mAP@0.5 gain must be above this to promote",
     )
     r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
+    r.add_argument(
+        "--train-from",
+        choices=("serving", "base"),
+        default=default(RoundSettings, "train_from"),
+        help="serving (default): train on from the served version's adapters; base: fresh adapters on the "
+        "base model (e.g. after a version that learned something wrong)",
+    )
     r.add_argument(
         "--next",
         type=int,
