@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +118,10 @@ class Lab:
         import torch
 
         from workers.rounds.corrections import split_ids
-        from workers.rounds.run import checked_only, diverged, tune_thresholds, window_examples
+        from workers.rounds.run import checked_only, train_until_learned, tune_thresholds, window_examples
         from workers.schemas import RoundSettings, TrainSettings
         from workers.stllm.io import load_model, save_model
-        from workers.stllm.train import Example, TrainOptions, train
+        from workers.stllm.train import Example, TrainOptions
 
         by_id = {v.video_id: v for v in snapshot.videos}
         ids = list(by_id)
@@ -144,15 +144,17 @@ class Lab:
                     flush=True,
                 )
 
-        options = TrainOptions(**settings.model_dump())
-        history = train(model, feats, examples, options, progress=progress)
-        if diverged(
-            history, options.answer_choices
-        ):  # as a round does: once more, another seed, half the rate
-            options = replace(options, seed=options.seed + 1, lr=options.lr / 2)
-            print(f"      ended at chance: again at seed {options.seed}, lr {options.lr}", flush=True)
-            model = load_model(base, dtype="auto", trainable=True)
-            train(model, feats, examples, options, progress=progress)
+        model, _, attempts = train_until_learned(  # with a round's retry of a run that ends at chance
+            model,
+            lambda: load_model(base, dtype="auto", trainable=True),
+            feats,
+            examples,
+            TrainOptions(**settings.model_dump()),
+            RoundSettings().retries,
+            progress=progress,
+        )
+        if len(attempts) > 1:
+            print(f"      attempts: {attempts}", flush=True)
         train_s = time.perf_counter() - t
         out = (
             self.work

@@ -243,14 +243,14 @@ def encode_video(model: STLLM, decoded: DecodedVideo) -> WindowFeatures:
 @torch.inference_mode()
 def window_probabilities_many(
     model: STLLM,
-    decoded: Sequence[DecodedVideo],
+    decoded: Sequence[DecodedVideo | None],
     questions: Sequence[str],
     batch: int,
     features: Sequence[WindowFeatures | None] | None = None,
 ) -> list[np.ndarray]:
     """:func:`window_probabilities` for several videos, their windows scored together: the LLM sees batches
     of ``batch`` windows across video boundaries, so short videos still fill a GPU's batch. One (W, Q) array
-    per video, in order."""
+    per video, in order. A video whose encoder ``features`` are given needs no decoded frames (None)."""
     features = list(features) if features is not None else [None] * len(decoded)
     features = [
         f if f is not None else encode_video(model, d) for d, f in zip(decoded, features, strict=True)

@@ -154,6 +154,11 @@ def _predict(
 CHANCE_CE = math.log(2)  # cross-entropy of a 50/50 answer to a yes/no question
 
 
+def _tail_ce(history: list[dict]) -> float:
+    """The mean answer cross-entropy over a run's last quarter of steps (at least 2)."""
+    return float(np.mean([r["ce"] for r in history[-max(2, len(history) // 4) :]])) if history else math.nan
+
+
 def diverged(history: list[dict], answer_choices: bool = True) -> bool:
     """Whether a training run learned nothing: the mean answer cross-entropy over its last quarter of steps is
     at or above 95% of chance (ln 2). Rounds draw yes and no equally often, so a model that has learned
@@ -161,18 +166,50 @@ def diverged(history: list[dict], answer_choices: bool = True) -> bool:
     (``answer_choices``); a run of under 8 steps is too short to judge."""
     if not answer_choices or len(history) < 8:
         return False
-    tail = [r["ce"] for r in history[-max(2, len(history) // 4) :]]
-    return float(np.mean(tail)) >= 0.95 * CHANCE_CE
+    return _tail_ce(history) >= 0.95 * CHANCE_CE
 
 
-def _attempt(options: TrainOptions, history: list[dict]) -> dict:
-    tail = [r["ce"] for r in history[-max(2, len(history) // 4) :]] if history else [float("nan")]
-    return {
-        "seed": options.seed,
-        "lr": options.lr,
-        "final_ce": round(float(np.mean(tail)), 4),
-        "diverged": diverged(history, options.answer_choices),
-    }
+def train_until_learned(
+    model,
+    reload: Callable[[], object],
+    feats: list,
+    examples: list[Example],
+    options: TrainOptions,
+    retries: int,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+    on_retry: Callable[[dict], None] | None = None,
+) -> tuple[object, list[dict], list[dict]]:
+    """:func:`workers.stllm.train.train` on ``model``; a run that :func:`diverged` starts again on a fresh
+    ``reload()`` of the starting version, at the next seed and half the learning rate, up to ``retries``
+    times (each retry checkpoints under ``checkpoint_dir/retry-N``, so a resumed round resumes it too).
+    Returns (trained model, its losses, every attempt's {seed, lr, final_ce, diverged})."""
+    attempts: list[dict] = []
+    for retry in range(retries + 1):
+        if retry:
+            options = replace(options, seed=options.seed + 1, lr=options.lr / 2)
+            log.warning(
+                "training did not learn (%s); again at seed %d, lr %g", attempts[-1], options.seed, options.lr
+            )
+            if on_retry:
+                on_retry({**attempts[-1], "next_seed": options.seed, "next_lr": options.lr})
+            model = reload()
+        where = checkpoint_dir / f"retry-{retry}" if checkpoint_dir and retry else checkpoint_dir
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
+        history = train(model, feats, examples, options, where, progress)
+        failed = diverged(history, options.answer_choices)
+        attempts.append(
+            {
+                "seed": options.seed,
+                "lr": options.lr,
+                "final_ce": round(_tail_ce(history), 4),
+                "diverged": failed,
+            }
+        )
+        if not failed:
+            break
+    return model, history, attempts
 
 
 def checked_only(result: PrelabelResult, video: CorrectedVideo) -> PrelabelResult:
@@ -224,9 +261,9 @@ def tune_thresholds(
         if not any(g.label == label for i, segs in gt.items() if i in results for g in segs):
             continue  # nothing to tune on: the default stays
         best = (-1.0, 0.0, 0.5)
+        having = {i: r for i, r in results.items() if label in r.window_probs}
         for t in THRESHOLDS:
             trial = p.model_copy(update={"thresholds": {label: t}, "high": None, "low": None})
-            having = {i: r for i, r in results.items() if label in r.window_probs}
             preds = {i: result_segments(r, [label], trial) for i, r in having.items()}
             ap = evaluate(preds, {i: gt[i] for i in having}, labels=[label]).mean_ap
             best = max(best, (ap, -abs(t - 0.5), t))
@@ -341,29 +378,17 @@ def run_round(
 
             t = time.perf_counter()
             work.mkdir(parents=True, exist_ok=True)
-            options = TrainOptions(**s.train.model_dump())
-            history = train(
-                model, feats, examples, options, work, lambda k, r: report("train", {"step": k, **r})
+            model, history, attempts = train_until_learned(
+                model,
+                lambda: load_model(start, device=s.device, dtype=s.dtype, trainable=True),
+                feats,
+                examples,
+                TrainOptions(**s.train.model_dump()),
+                s.retries,
+                work,
+                lambda k, r: report("train", {"step": k, **r}),
+                lambda info: report("retry", info),
             )
-            attempts = [_attempt(options, history)]
-            for retry in range(1, s.retries + 1):
-                if not attempts[-1]["diverged"]:
-                    break
-                # a fresh start (the same starting version) at another seed and half the rate
-                options = replace(options, seed=options.seed + retry, lr=options.lr / 2)
-                log.warning("round %s: training did not learn (%s); retrying", name, attempts[-1])
-                report("retry", {**attempts[-1], "next_seed": options.seed, "next_lr": options.lr})
-                model = load_model(start, device=s.device, dtype=s.dtype, trainable=True)
-                (work / f"retry-{retry}").mkdir(exist_ok=True)
-                history = train(
-                    model,
-                    feats,
-                    examples,
-                    options,
-                    work / f"retry-{retry}",
-                    lambda k, r: report("train", {"step": k, **r}),
-                )
-                attempts.append(_attempt(options, history))
             timings["train_s"] = round(time.perf_counter() - t, 2)
 
             t = time.perf_counter()
