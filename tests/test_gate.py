@@ -6,8 +6,22 @@ import pytest
 
 from workers.rounds.corrections import accumulate, choose_windows
 from workers.rounds.evaluation import evaluate
-from workers.rounds.gate import bootstrap_gain, decide
-from workers.schemas import CorrectedVideo, PrelabelSettings, Segment, Snapshot, parse_labels
+from workers.rounds.gate import (
+    bootstrap_gain,
+    bootstrap_window_gain,
+    decide,
+    window_error,
+    window_error_terms,
+)
+from workers.schemas import (
+    CorrectedVideo,
+    PrelabelResult,
+    PrelabelSettings,
+    Segment,
+    Snapshot,
+    VideoMeta,
+    parse_labels,
+)
 
 
 def seg(label: str, a: float, b: float, score: float = 1.0) -> Segment:
@@ -69,6 +83,60 @@ def test_a_label_drop_counts_only_where_the_resampled_videos_agree():
         d = decide("round-2", "round-1", cand_ap, served_ap, gain, (0.01, 0.2), label_intervals=intervals)
         assert ("hand" in d.lost) == lost and d.promote == (not lost)
         assert d.to_dict()["label_intervals"]["hand"][0] <= 0
+
+
+def scored(probs: dict[str, list[float]]) -> PrelabelResult:
+    """A 30 s video's result with one window per 2 s (no overlap) and the given P(yes) per label."""
+    n = len(next(iter(probs.values())))
+    return PrelabelResult(
+        video="v.mp4",
+        model_version="x",
+        meta=VideoMeta(fps=10.0, n_frames=300, duration=30.0),
+        windows=[(2.0 * k, 2.0 * k + 2.0) for k in range(n)],
+        window_probs=probs,
+    )
+
+
+def test_window_error_counts_windows_as_rounds_train_them():
+    """jam covers windows 1-2 fully (yes), window 3 by a quarter (left out), the rest not at all (no)."""
+    truth = [seg("jam", 2.0, 6.5)]
+    perfect = scored({"jam": [0.0, 1.0, 1.0, 0.9, 0.0, 0.0], "hand": [0.5] * 6})
+    terms = window_error_terms(perfect, truth, ["jam", "hand"])
+    assert terms[0].tolist() == [0.0, 2.0, 0.0, 3.0]  # the partly covered window counts for neither side
+    assert terms[1].tolist() == [0.0, 0.0, 6 * 0.25, 6.0]  # hand: all six windows are a no, each off by 0.5
+    assert window_error({"v": terms}) == pytest.approx((0.0 + 0.25) / 2)  # the mean over the two labels
+    unchecked = window_error_terms(perfect, truth, ["jam", "hand"], checked=["jam"])
+    assert unchecked[1].tolist() == [0.0] * 4  # nobody checked it for hands: its windows say nothing
+
+
+def test_the_window_gate_promotes_sharper_probabilities_and_holds_back_no_change():
+    truth = {f"v{i}": [seg("jam", 2.0, 6.0), seg("hand", 10.0, 12.0)] for i in range(6)}
+    sharp = {"jam": [0.1, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1], "hand": [0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1]}
+    vague = {k: [0.5 + (p - 0.5) * 0.2 for p in v] for k, v in sharp.items()}
+    cand = {v: window_error_terms(scored(sharp), g, ["jam", "hand"]) for v, g in truth.items()}
+    served = {v: window_error_terms(scored(vague), g, ["jam", "hand"]) for v, g in truth.items()}
+    gain, interval = bootstrap_window_gain(cand, served, resamples=200)
+    assert gain == pytest.approx(window_error(served) - window_error(cand)) and interval[0] > 0
+    d = decide("round-2", "round-1", {}, {}, -0.1, (-0.3, 0.1), window_gain=gain, window_interval=interval)
+    assert d.promote and d.on == "windows" and "window error falls by" in d.reason  # mAP@0.5 alone: held back
+    same, same_interval = bootstrap_window_gain(cand, cand, resamples=50)
+    assert same == 0.0 and same_interval == (0.0, 0.0)
+    held = decide(
+        "round-2", "round-1", {}, {}, 0.2, (0.1, 0.3), window_gain=same, window_interval=same_interval
+    )
+    assert not held.promote and "window gain is not clearly above" in held.reason
+    # a label clearly lost still holds back a candidate whose windows are better
+    lost = decide(
+        "round-2",
+        "round-1",
+        {"hand": 0.1},
+        {"hand": 0.9},
+        0.0,
+        (0.0, 0.0),
+        window_gain=gain,
+        window_interval=interval,
+    )
+    assert not lost.promote and "hand" in lost.reason
 
 
 def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:

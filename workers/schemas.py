@@ -353,6 +353,9 @@ class RoundSettings(BaseModel):
     prelabel: PrelabelSettings = Field(default_factory=PrelabelSettings)
     validation_fraction: float = Field(0.25, gt=0, lt=1)
     margin: float = 0.0  # the gain's bootstrap interval must lie above this to promote
+    # what the gain is measured on (workers.rounds.gate): "windows", the fall in window error (every validation
+    # window a paired observation: steady on a few videos), or "map", mAP@0.5 (both are reported)
+    gate_on: Literal["windows", "map"] = "windows"
     confidence: float = Field(0.9, gt=0, lt=1)  # of that interval
     resamples: int = Field(500, ge=10)
     label_drop: float = Field(0.15, ge=0, le=1)  # a label whose AP@0.5 falls by more blocks promotion
@@ -361,7 +364,10 @@ class RoundSettings(BaseModel):
     # what the served version knows, and each round adds training); "base": fresh adapters on the base model.
     # Line round 2 from round 1 vs fresh: bench/README.md
     train_from: Literal["base", "serving"] = "serving"
-    tune_thresholds: bool = True  # each label's P(yes) threshold chosen on the validation videos
+    tune_thresholds: bool = True  # each label's P(yes) threshold chosen on the validation videos ...
+    # ... and on training videos up to this many windows (scored from the round's encoder features; a bound,
+    # so a round's cost does not grow with the store's history: ~35 s on 2 CPU cores, well under 1 s on a GPU)
+    tune_windows: int = Field(256, ge=0)
     yes_overlap: float = Field(
         0.5, ge=0, le=1
     )  # a window is a 'yes' for a label when events cover this share

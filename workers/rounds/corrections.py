@@ -35,14 +35,14 @@ def load_snapshot(path: str | Path) -> Snapshot:
     return Snapshot.model_validate_json(Path(path).read_text())
 
 
-def _unit_hash(video_id: str) -> float:
+def unit_hash(video_id: str) -> float:
     return int(hashlib.sha1(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
 def split_of(video_id: str, validation_fraction: float = 0.25) -> str:
     """'train' or 'validation' from a hash of the video id: stable across rounds, so the validation score
     of round N and round N+1 compare."""
-    return "validation" if _unit_hash(video_id) < validation_fraction else "train"
+    return "validation" if unit_hash(video_id) < validation_fraction else "train"
 
 
 def split_ids(
@@ -60,10 +60,10 @@ def split_ids(
     train = [g for g in groups if split_of(g, validation_fraction) == "train"]
     val = [g for g in groups if split_of(g, validation_fraction) == "validation"]
     if len(groups) >= 2 and not val:
-        first = min(train, key=_unit_hash)
+        first = min(train, key=unit_hash)
         train, val = [g for g in train if g != first], [first]
     elif len(groups) >= 2 and not train:
-        last = max(val, key=_unit_hash)
+        last = max(val, key=unit_hash)
         train, val = [last], [g for g in val if g != last]
     return [i for g in train for i in groups[g]], [i for g in val for i in groups[g]]
 
@@ -106,7 +106,7 @@ def window_ceiling(snapshot: Snapshot, window_s: float, yes_overlap: float = 0.5
     from workers.rounds.evaluation import evaluate
 
     videos, hours = [], 0.0
-    for v in sorted(snapshot.videos, key=lambda v: _unit_hash(v.video_id))[:CEILING_VIDEOS]:
+    for v in sorted(snapshot.videos, key=lambda v: unit_hash(v.video_id))[:CEILING_VIDEOS]:
         if videos and hours + v.duration / 3600 > CEILING_HOURS:
             break
         videos.append(v)

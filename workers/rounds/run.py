@@ -14,7 +14,8 @@
               at another seed and half the learning rate (``retries``)
     thresholds each label's P(yes) threshold, chosen on the validation and training videos
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
-              interval of the mAP@0.5 gain, and no label clearly lost; or forced
+              interval of the fall in window error (or of the mAP@0.5 gain, ``gate_on="map"``), and no
+              label clearly lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
 
 A round that fails anywhere leaves the registry and the served version as they were.
@@ -37,9 +38,22 @@ from workers.events import covered_share, windows
 from workers.jobs import decode_side, decode_windows, encode_video, prelabel_videos, result_segments
 from workers.media import is_remote
 from workers.review import next_batch
-from workers.rounds.corrections import accumulate, choose_windows, load_snapshot, save_snapshot, split_ids
+from workers.rounds.corrections import (
+    accumulate,
+    choose_windows,
+    load_snapshot,
+    save_snapshot,
+    split_ids,
+    unit_hash,
+)
 from workers.rounds.evaluation import evaluate
-from workers.rounds.gate import bootstrap_gain, decide
+from workers.rounds.gate import (
+    bootstrap_gain,
+    bootstrap_window_gain,
+    decide,
+    window_error,
+    window_error_terms,
+)
 from workers.rounds.registry import ModelStore, RegistryError
 from workers.schemas import (
     CorrectedVideo,
@@ -220,15 +234,30 @@ def checked_only(result: PrelabelResult, video: CorrectedVideo) -> PrelabelResul
 
 
 def _score_training(
-    model, feats: list, index: dict[str, int], spans: dict, snapshot: Snapshot, labels: list[str]
+    model,
+    feats: list,
+    index: dict[str, int],
+    spans: dict,
+    snapshot: Snapshot,
+    labels: list[str],
+    budget: int,
 ) -> dict[str, PrelabelResult]:
-    """The training videos' window probabilities under ``model``, from the encoder features the round
-    already holds (no video is decoded again); each with only the labels its video was checked for."""
+    """Training videos' window probabilities under ``model``, from the encoder features the round already
+    holds (no video is decoded again); each with only the labels its video was checked for. The videos are
+    taken in the order of their id hash (the same ones round after round) up to ``budget`` windows, at least
+    one video: the cost stays the same however many corrections the store has gathered."""
     from workers.jobs import window_probabilities_many
     from workers.schemas import VideoMeta
 
+    if budget <= 0:
+        return {}
     by_id = {v.video_id: v for v in snapshot.videos}
-    ids = list(index)
+    ids, total = [], 0
+    for i in sorted(index, key=unit_hash):
+        if ids and total + len(spans[i][0]) > budget:
+            break
+        ids.append(i)
+        total += len(spans[i][0])
     questions = [label.question() for label in snapshot.labels]
     probs = window_probabilities_many(model, [None] * len(ids), questions, 32, [feats[index[i]] for i in ids])
     out = {}
@@ -405,7 +434,7 @@ def run_round(
                 # on the training videos too (their encoder features are at hand): a validation split of a
                 # few videos holds a rare label's events a handful of times, and its best threshold is noise
                 tuning = {i: checked_only(r, by_id[i]) for i, r in cand_results.items()}
-                tuning |= _score_training(candidate, feats, index, spans, snapshot, labels)
+                tuning |= _score_training(candidate, feats, index, spans, snapshot, labels, s.tune_windows)
                 gt_all = {i: by_id[i].segments for i in tuning}
                 defaults["thresholds"] = tune_thresholds(tuning, gt_all, labels, p)
                 set_prelabel_defaults(candidate_dir, defaults)
@@ -416,10 +445,8 @@ def run_round(
                 for i, r in cand_results.items()
             }
             serving_model = load_model(serving_dir, device=s.device, dtype=s.dtype)
-            serve_preds = {
-                i: r.segments
-                for i, r in _predict(serving_model, snapshot, list(cand_preds), asked, unreadable).items()
-            }
+            serve_results = _predict(serving_model, snapshot, list(cand_preds), asked, unreadable)
+            serve_preds = {i: r.segments for i, r in serve_results.items()}
             del serving_model
             # a validation video that cannot be read is left out of both sides, with its reason
             val_ids = [i for i in val_ids if i in cand_preds and i in serve_preds]
@@ -436,6 +463,21 @@ def run_round(
             gain, interval = bootstrap_gain(
                 cand_preds, serve_preds, gt, labels, s.resamples, s.confidence, s.train.seed, label_intervals
             )
+
+            def terms(results: dict[str, PrelabelResult]) -> dict:
+                return {
+                    i: window_error_terms(
+                        results[i], gt[i], labels, s.yes_overlap, s.no_overlap, by_id[i].labels
+                    )
+                    for i in val_ids
+                }
+
+            cand_terms, serve_terms = terms(cand_results), terms(serve_results)
+            window_gain, window_interval = bootstrap_window_gain(
+                cand_terms, serve_terms, s.resamples, s.confidence, s.train.seed
+            )
+            cand_metrics["window_error"] = round(window_error(cand_terms), 5)
+            serve_metrics["window_error"] = round(window_error(serve_terms), 5)
             gate = decide(
                 name,
                 serving_name,
@@ -447,6 +489,8 @@ def run_round(
                 s.label_drop,
                 s.force,
                 label_intervals,
+                window_gain if s.gate_on == "windows" else None,
+                window_interval if s.gate_on == "windows" else None,
             )
             timings["evaluate_s"] = round(time.perf_counter() - t, 2)
             promote, reason = gate.promote, gate.reason
