@@ -229,3 +229,15 @@ def test_a_rare_labels_threshold_is_tuned_to_where_its_windows_rank_well():
         return evaluate(preds, gt, thresholds=(0.5,), labels=[label]).map_at(0.5)
 
     assert ap(p, "hand") == 0.0 and ap(p.model_copy(update={"thresholds": tuned}), "hand") == 1.0
+
+
+def test_threshold_tuning_scores_a_bounded_stable_set_of_training_videos():
+    from workers.rounds.run import tuning_videos
+
+    counts = {f"v{i}": 29 for i in range(40)}
+    chosen = tuning_videos(counts, 256)
+    assert len(chosen) == 8  # 8 x 29 = 232 windows, a ninth would pass 256
+    grown = tuning_videos(counts | {f"w{i}": 29 for i in range(400)}, 256)
+    assert len(grown) == 8  # ten times the corrections: the same cost
+    assert [v for v in grown if v.startswith("v")] == [v for v in chosen if v in grown]  # the order is stable
+    assert tuning_videos({"long": 5000}, 256) == ["long"] and tuning_videos(counts, 0) == []

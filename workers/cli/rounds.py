@@ -91,6 +91,7 @@ def _round_start(args, store) -> int:
         ),
         prelabel=PrelabelSettings(window_s=args.window, stride_s=args.stride),
         margin=args.margin,
+        gate_on=args.gate_on,
         force=args.force,
         next_batch=args.next,
         train_from=args.train_from,
@@ -153,8 +154,10 @@ def add_parsers(sub) -> None:
         help="train a candidate on corrections; promote it if it measures better",
         description="Trains LoRA adapters (ST-LLM masking + MVM) on the corrections together with every "
         "earlier round's, on windows chosen from the corrected events' durations; evaluates the candidate "
-        "against the serving version on a held-back validation split and promotes it only if its mAP@0.5 "
-        "gain is clear (a bootstrap interval above --margin) and it loses no label the serving version knew.",
+        "against the serving version on a held-back validation split and promotes it only if its gain is "
+        "clear (a bootstrap interval above --margin; by default the fall in window error, every validation "
+        "window's P(yes) against its target; --gate-on map: mAP@0.5) and it loses no label the serving "
+        "version knew.",
     )
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-jsonl", help="corrections as a ground_truth.jsonl (stllm generate's format)")
@@ -187,7 +190,15 @@ def add_parsers(sub) -> None:
         "--margin",
         type=float,
         default=default(RoundSettings, "margin"),
-        help="the lower end of the bootstrap interval of the mAP@0.5 gain must be above this to promote",
+        help="the lower end of the bootstrap interval of the gain must be above this to promote",
+    )
+    r.add_argument(
+        "--gate-on",
+        choices=("windows", "map"),
+        default=default(RoundSettings, "gate_on"),
+        help="what the gain is measured on: windows (default), the fall in window error (the per-label Brier "
+        "score of every validation window: steady on a few videos), or map, mAP@0.5 (noisy on a small "
+        "validation split); both are reported",
     )
     r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
     r.add_argument(

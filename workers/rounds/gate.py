@@ -199,12 +199,14 @@ def decide(
     label_intervals: Mapping[str, tuple[float, float]] | None = None,
     window_gain: float | None = None,
     window_interval: tuple[float, float] | None = None,
+    learned: bool = True,
 ) -> GateDecision:
     """The gate's decision from both versions' per-label AP@0.5 and the bootstrap interval of the gain: the
     window error's (``window_gain``/``window_interval``, from :func:`bootstrap_window_gain`) where given, else
     mAP@0.5's (``gain``/``interval``, from :func:`bootstrap_gain`). ``label_intervals`` (label -> interval of
     its AP change, from :func:`bootstrap_gain`): a label counts as lost only where its interval lies below 0
-    too; without them, the point drop alone decides."""
+    too; without them, the point drop alone decides. ``learned=False`` (the candidate's training ended at
+    chance, :func:`workers.rounds.run.diverged`) holds it whatever it measures, unless forced."""
     intervals = label_intervals or {}
     lost = {
         label: (ap, candidate_ap.get(label, 0.0))
@@ -213,7 +215,7 @@ def decide(
     }
     on_windows = window_interval is not None
     clear = (window_interval if on_windows else interval)[0] > margin
-    promote = (clear and not lost) or force
+    promote = (clear and not lost and learned) or force
     why = f"{candidate_name} vs {served_name}: "
     if on_windows:
         why += (
@@ -227,7 +229,9 @@ def decide(
         )
     elif not clear:
         why += f"; the {'window' if on_windows else 'mAP@0.5'} gain is not clearly above {margin:+.3f}"
-    if force and not (clear and not lost):
+    if not learned:
+        why += "; its training did not learn (every attempt ended at chance)"
+    if force and not (clear and not lost and learned):
         why += " (forced)"
     return GateDecision(
         promote,

@@ -177,10 +177,11 @@ def diverged(history: list[dict], answer_choices: bool = True) -> bool:
     """Whether a training run learned nothing: the mean answer cross-entropy over its last quarter of steps is
     at or above 95% of chance (ln 2). Rounds draw yes and no equally often, so a model that has learned
     anything scores below it; one above it answers confidently wrong. Only for the yes/no cross-entropy
-    (``answer_choices``); a run of under 8 steps is too short to judge."""
+    (``answer_choices``); a run of under 8 steps is too short to judge. A run whose loss went to NaN or
+    infinity diverged too."""
     if not answer_choices or len(history) < 8:
         return False
-    return _tail_ce(history) >= 0.95 * CHANCE_CE
+    return not _tail_ce(history) < 0.95 * CHANCE_CE
 
 
 def train_until_learned(
@@ -217,7 +218,7 @@ def train_until_learned(
             {
                 "seed": options.seed,
                 "lr": options.lr,
-                "final_ce": round(_tail_ce(history), 4),
+                "final_ce": round(_tail_ce(history), 4) if math.isfinite(_tail_ce(history)) else None,
                 "diverged": failed,
             }
         )
@@ -233,6 +234,19 @@ def checked_only(result: PrelabelResult, video: CorrectedVideo) -> PrelabelResul
     return result.model_copy(update={"window_probs": probs})
 
 
+def tuning_videos(window_counts: dict[str, int], budget: int) -> list[str]:
+    """The training videos (id -> its window count) whose windows a round scores to tune thresholds: in the
+    order of their id hash (the same ones round after round, whatever else is added) up to ``budget``
+    windows, at least one video; none for a budget of 0."""
+    ids, total = [], 0
+    for i in sorted(window_counts, key=unit_hash) if budget > 0 else []:
+        if ids and total + window_counts[i] > budget:
+            break
+        ids.append(i)
+        total += window_counts[i]
+    return ids
+
+
 def _score_training(
     model,
     feats: list,
@@ -243,21 +257,16 @@ def _score_training(
     budget: int,
 ) -> dict[str, PrelabelResult]:
     """Training videos' window probabilities under ``model``, from the encoder features the round already
-    holds (no video is decoded again); each with only the labels its video was checked for. The videos are
-    taken in the order of their id hash (the same ones round after round) up to ``budget`` windows, at least
-    one video: the cost stays the same however many corrections the store has gathered."""
+    holds (no video is decoded again); each with only the labels its video was checked for. Only the
+    :func:`tuning_videos` of ``budget`` windows: the cost stays the same however many corrections the store
+    has gathered."""
     from workers.jobs import window_probabilities_many
     from workers.schemas import VideoMeta
 
-    if budget <= 0:
-        return {}
     by_id = {v.video_id: v for v in snapshot.videos}
-    ids, total = [], 0
-    for i in sorted(index, key=unit_hash):
-        if ids and total + len(spans[i][0]) > budget:
-            break
-        ids.append(i)
-        total += len(spans[i][0])
+    ids = tuning_videos({i: len(spans[i][0]) for i in index}, budget)
+    if not ids:
+        return {}
     questions = [label.question() for label in snapshot.labels]
     probs = window_probabilities_many(model, [None] * len(ids), questions, 32, [feats[index[i]] for i in ids])
     out = {}
@@ -491,6 +500,7 @@ def run_round(
                 label_intervals,
                 window_gain if s.gate_on == "windows" else None,
                 window_interval if s.gate_on == "windows" else None,
+                learned=not attempts[-1]["diverged"],
             )
             timings["evaluate_s"] = round(time.perf_counter() - t, 2)
             promote, reason = gate.promote, gate.reason

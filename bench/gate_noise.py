@@ -1,0 +1,95 @@
+"""How steady each gate statistic is on a few validation videos, on a finished ``make demo``'s versions.
+
+Round-1 and round-2 pre-label round 2's validation videos and the held-out set (as they serve: their own
+windows and thresholds). Printed for each set: mAP@0.5, mAP (tIoU 0.3-0.7), the window error the gate uses
+(workers.rounds.gate.window_error) and the window gate's bootstrap interval; then, over random draws of as
+many videos as the validation split has from all of them, how often each statistic's round-2 minus round-1
+difference has the opposite sign to its value on all the videos, and its spread.
+
+    .venv/bin/python bench/gate_noise.py [--workdir .stllm-demo] [--draws 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=".stllm-demo", help="a finished `stllm demo`'s folder")
+    ap.add_argument("--draws", type=int, default=300)
+    args = ap.parse_args()
+    from workers.jobs import prelabel_videos
+    from workers.rounds.corrections import load_snapshot, split_ids
+    from workers.rounds.evaluation import evaluate
+    from workers.rounds.gate import bootstrap_window_gain, window_error, window_error_terms
+    from workers.rounds.registry import ModelStore
+    from workers.schemas import PrelabelSettings, RoundSettings, Segment
+    from workers.stllm.io import load_model
+
+    work = Path(args.workdir)
+    store = ModelStore(work / "store")
+    record = store.read()["versions"]["round-2"]
+    snap = load_snapshot(store.root / record["snapshot_path"])
+    settings = RoundSettings.model_validate(record["settings"])
+    files = {v.video_id: os.path.realpath(v.video) for v in snap.videos}
+    _, val = split_ids(list(files), settings.validation_fraction, group=files.__getitem__)
+    by_id = {v.video_id: v for v in snap.videos}
+    truth = {by_id[i].video: by_id[i].segments for i in val}
+    rows = [json.loads(line) for line in (work / "heldout" / "ground_truth.jsonl").read_text().splitlines()]
+    heldout = {r["video"]: [Segment.model_validate(s) for s in r["segments"]] for r in rows}
+    labels = [x.name for x in snap.labels]
+    sets = {"validation": list(truth), "held-out": list(heldout)}
+    truth |= heldout
+    segs, terms = {}, {}
+    for name in ("round-1", "round-2"):
+        model = load_model(store.version_dir(name), dtype="auto")
+        results = prelabel_videos(model, list(truth), snap.labels, PrelabelSettings())
+        segs[name] = {r.video: [Segment.model_validate(s) for s in r.segments] for r in results}
+        terms[name] = {r.video: window_error_terms(r, truth[r.video], labels) for r in results}
+        print(f"pre-labeled {len(results)} videos with {name}", file=sys.stderr, flush=True)
+
+    def stats(videos: list[str]) -> np.ndarray:
+        """round-2 minus round-1: mAP@0.5, mAP, and the fall in window error (all: positive = round-2 better)."""
+        gt = {v: truth[v] for v in videos}
+        r1 = evaluate({v: segs["round-1"][v] for v in videos}, gt)
+        r2 = evaluate({v: segs["round-2"][v] for v in videos}, gt)
+        err = {n: window_error({v: terms[n][v] for v in videos}) for n in terms}
+        return np.array(
+            [r2.map_at(0.5) - r1.map_at(0.5), r2.mean_ap - r1.mean_ap, err["round-1"] - err["round-2"]]
+        )
+
+    print(
+        f"\n{'videos':<12}{'n':>3}   round-2 minus round-1: mAP@0.5    mAP   window error fall [90% interval]"
+    )
+    for name, videos in [*sets.items(), ("all", list(truth))]:
+        d = stats(videos)
+        gain, (lo, hi) = bootstrap_window_gain(
+            {v: terms["round-2"][v] for v in videos}, {v: terms["round-1"][v] for v in videos}
+        )
+        print(
+            f"{name:<12}{len(videos):>3}   {d[0]:>+30.3f} {d[1]:>+6.3f}   {d[2]:>+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        )
+    everything = list(truth)
+    sign = np.sign(stats(everything))
+    rng = np.random.default_rng(0)
+    draws = np.array(
+        [stats(list(rng.choice(everything, len(val), replace=False))) for _ in range(args.draws)]
+    )
+    wrong = (np.sign(draws) != sign).mean(0)
+    print(
+        f"\n{args.draws} random draws of {len(val)} of the {len(everything)} videos: opposite sign to all videos' "
+        f"difference in {wrong[0]:.0%} (mAP@0.5), {wrong[1]:.0%} (mAP), {wrong[2]:.0%} (window error); "
+        f"sd {draws[:, 0].std():.3f} / {draws[:, 1].std():.3f} / {draws[:, 2].std():.4f}"
+    )
+    print(f"command: .venv/bin/python bench/gate_noise.py --workdir {args.workdir} --draws {args.draws}")
+
+
+if __name__ == "__main__":
+    main()
