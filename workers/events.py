@@ -3,7 +3,6 @@
 windows(duration) -> [(start, end), ...]
 probabilities per window -> smooth (moving average) -> hysteresis (enter >= high, stay >= low)
 -> runs of windows -> one segment per run, scored by the mean probability over the run
--> (optional) a run parted where its probability dips between two events of the label
 -> (optional) each edge moved to where the probability, interpolated between window centres, crosses the
    threshold: finer than the stride
 """
@@ -59,33 +58,6 @@ def _crossing(t0: float, p0: float, t1: float, p1: float, threshold: float) -> f
     return float(np.clip(t0 + (threshold - p0) / (p1 - p0) * (t1 - t0), t0, t1))
 
 
-def valleys(probs: np.ndarray, start: int, end: int, depth: float) -> list[int]:
-    """Windows ``start..end`` (inclusive) of one run of 'on' windows: the indices of the valleys that part two
-    events, where the probability falls at least ``depth`` below the highest point since the last valley and
-    rises at least ``depth`` above it again. One pass, O(run length); ``depth`` <= 0: none.
-
-    Two events of one label a fraction of a window apart never give an 'off' window: every window over the
-    gap still overlaps them. A window centred on a gap of g seconds is covered (L - g) / L, where its
-    neighbours inside the events are covered fully, so the gap shows as a dip of g / L."""
-    if depth <= 0:
-        return []
-    out: list[int] = []
-    peak, valley = probs[start], None
-    for k in range(start + 1, end + 1):
-        p = probs[k]
-        if valley is None:
-            if p >= peak:
-                peak = p
-            elif p <= peak - depth:
-                valley = k
-        elif p < probs[valley]:
-            valley = k
-        elif p >= probs[valley] + depth:
-            out.append(valley)
-            peak, valley = p, None
-    return out
-
-
 def segments_from_probabilities(
     label: str,
     spans: list[tuple[float, float]],
@@ -97,7 +69,6 @@ def segments_from_probabilities(
     smoothing: int = 1,
     min_duration: float = 0.0,
     centres: list[float] | None = None,
-    split_depth: float = 0.0,
 ) -> list[Segment]:
     """Per-window probabilities of one label -> merged segments.
 
@@ -111,9 +82,6 @@ def segments_from_probabilities(
     keeps a run going). A window is trained as showing an event when the event covers half of it, and the
     covered share is linear in the window's position, so the crossing recovers an edge to a fraction of the
     stride without scoring more windows.
-
-    ``split_depth`` > 0 parts a run at each of its :func:`valleys` of that depth: two events close together
-    become two segments, the valley's window the gap between them.
     """
     probs = np.asarray(probs, dtype=float)
     if len(probs) != len(spans):
@@ -125,15 +93,6 @@ def segments_from_probabilities(
     on = hysteresis(p, high, low)
     u = window_uncertainty(p, high)
     out: list[Segment] = []
-
-    def emit(a: int, b: int, start: float, end: float) -> None:
-        # a part of a run that only holds on ``low`` is the tail of the event before it, not one of its own
-        if end - start >= min_duration and end > start and p[a : b + 1].max() >= high:
-            score = float(p[a : b + 1].mean())
-            out.append(
-                Segment.from_seconds(label, start, end, fps, n_frames, score, segment_uncertainty(u, a, b))
-            )
-
     i = 0
     while i < len(on):
         if not on[i]:
@@ -148,13 +107,11 @@ def segments_from_probabilities(
         last = max(k for k in range(i, j + 1) if p[k] >= high)  # after it the run only holds on ``low``
         if centres is not None and last + 1 < len(on) and (last < j or not on[j + 1]):
             end = _crossing(centres[last], p[last], centres[last + 1], p[last + 1], high)
-        a = i
-        for v in valleys(p, i, j, split_depth):
-            if v > a:
-                emit(a, v - 1, start, spans[v][0])
-            a, start = v + 1, spans[v][1]
-        if a <= j:
-            emit(a, j, start, end)
+        if end - start >= min_duration and end > start:
+            score = float(p[i : j + 1].mean())
+            out.append(
+                Segment.from_seconds(label, start, end, fps, n_frames, score, segment_uncertainty(u, i, j))
+            )
         i = j + 1
     return out
 
