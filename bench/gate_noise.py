@@ -28,7 +28,7 @@ def main() -> None:
     from workers.jobs import prelabel_videos
     from workers.rounds.corrections import load_snapshot, split_ids
     from workers.rounds.evaluation import evaluate
-    from workers.rounds.gate import bootstrap_window_gain, window_error, window_error_terms
+    from workers.rounds.gate import bootstrap_window_gain, decide, window_error, window_error_terms
     from workers.rounds.registry import ModelStore
     from workers.schemas import PrelabelSettings, RoundSettings, Segment
     from workers.stllm.io import load_model
@@ -70,12 +70,40 @@ def main() -> None:
     )
     for name, videos in [*sets.items(), ("all", list(truth))]:
         d = stats(videos)
-        gain, (lo, hi) = bootstrap_window_gain(
-            {v: terms["round-2"][v] for v in videos}, {v: terms["round-1"][v] for v in videos}
+        gain, (lo, hi), per_label = bootstrap_window_gain(
+            {v: terms["round-2"][v] for v in videos},
+            {v: terms["round-1"][v] for v in videos},
+            settings.resamples,
+            settings.confidence,
+            settings.train.seed,
+            labels,
         )
         print(
-            f"{name:<12}{len(videos):>3}   {d[0]:>+30.3f} {d[1]:>+6.3f}   {d[2]:>+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            f"{name:<12}{len(videos):>3}   {d[0]:>+30.3f} {d[1]:>+6.3f}   {gain:>+.4f} [{lo:+.4f}, {hi:+.4f}]"
         )
+        gt = {v: truth[v] for v in videos}
+        ap = {n: evaluate({v: segs[n][v] for v in videos}, gt, labels=labels).to_dict() for n in segs}
+        for label in labels:
+            a1, a2 = ap["round-1"]["per_label_AP@0.5"][label], ap["round-2"]["per_label_AP@0.5"][label]
+            w = per_label[label]
+            print(
+                f"{'':<16}{label:<14} AP@0.5 {a1:.2f} -> {a2:.2f}   its window error fall [{w[0]:+.4f}, {w[1]:+.4f}]"
+            )
+        if name == "validation":
+            gate = decide(
+                "round-2",
+                "round-1",
+                ap["round-2"]["per_label_AP@0.5"],
+                ap["round-1"]["per_label_AP@0.5"],
+                d[0],
+                (float("nan"), float("nan")),
+                settings.margin,
+                settings.label_drop,
+                label_intervals=per_label,
+                window_gain=gain,
+                window_interval=(lo, hi),
+            )
+            print(f"{'':<16}the window gate here: {gate.reason} -> promote: {gate.promote}")
     everything = list(truth)
     sign = np.sign(stats(everything))
     rng = np.random.default_rng(0)

@@ -60,3 +60,16 @@ def test_gpu_check_runs_at_smoke_size():
     assert out.returncode == 0, out.stderr[-3000:]
     for figure in ("windows/s", "video-minutes per GPU-minute", "LLM tokens/s", "MFU", "ms/step"):
         assert figure in out.stdout, out.stdout
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """A script run as `python bench/x.py` puts bench/ first on sys.path: a bench/kernels.py made transformers
+    import it in place of the `kernels` package it probes for, and every script that loaded a model failed."""
+    import importlib.util
+
+    shadowed = [
+        p.name
+        for p in (ROOT / "bench").glob("*.py")
+        if p.stem != "__init__" and importlib.util.find_spec(p.stem)
+    ]
+    assert shadowed == []

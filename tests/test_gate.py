@@ -115,11 +115,12 @@ def test_the_window_gate_promotes_sharper_probabilities_and_holds_back_no_change
     vague = {k: [0.5 + (p - 0.5) * 0.2 for p in v] for k, v in sharp.items()}
     cand = {v: window_error_terms(scored(sharp), g, ["jam", "hand"]) for v, g in truth.items()}
     served = {v: window_error_terms(scored(vague), g, ["jam", "hand"]) for v, g in truth.items()}
-    gain, interval = bootstrap_window_gain(cand, served, resamples=200)
+    gain, interval, per_label = bootstrap_window_gain(cand, served, resamples=200, labels=["jam", "hand"])
     assert gain == pytest.approx(window_error(served) - window_error(cand)) and interval[0] > 0
     d = decide("round-2", "round-1", {}, {}, -0.1, (-0.3, 0.1), window_gain=gain, window_interval=interval)
     assert d.promote and d.on == "windows" and "window error falls by" in d.reason  # mAP@0.5 alone: held back
-    same, same_interval = bootstrap_window_gain(cand, cand, resamples=50)
+    assert all(lo > 0 for lo, _ in per_label.values())  # both labels' windows are sharper
+    same, same_interval, _ = bootstrap_window_gain(cand, cand, resamples=50)
     assert same == 0.0 and same_interval == (0.0, 0.0)
     held = decide(
         "round-2", "round-1", {}, {}, 0.2, (0.1, 0.3), window_gain=same, window_interval=same_interval
@@ -137,6 +138,36 @@ def test_the_window_gate_promotes_sharper_probabilities_and_holds_back_no_change
         window_interval=interval,
     )
     assert not lost.promote and "hand" in lost.reason
+    # gating on windows: a label whose AP fell on a few events but whose windows are no worse is not lost
+    kept = decide(
+        "round-2",
+        "round-1",
+        {"hand": 0.1},
+        {"hand": 0.9},
+        0.0,
+        (0.0, 0.0),
+        label_intervals=per_label,
+        window_gain=gain,
+        window_interval=interval,
+    )
+    assert kept.promote and not kept.lost
+    worse = {
+        v: window_error_terms(scored(sharp | {"hand": vague["hand"]}), g, ["jam", "hand"])
+        for v, g in truth.items()
+    }
+    _, _, hand_worse = bootstrap_window_gain(worse, cand, resamples=200, labels=["jam", "hand"])
+    assert hand_worse["hand"][1] < 0  # hand's windows clearly worse than the served version's
+    assert not decide(
+        "round-2",
+        "round-1",
+        {"hand": 0.1},
+        {"hand": 0.9},
+        0.0,
+        (0.0, 0.0),
+        label_intervals=hand_worse,
+        window_gain=0.01,
+        window_interval=(0.005, 0.02),
+    ).promote
 
 
 def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:

@@ -159,18 +159,21 @@ def bootstrap_window_gain(
     resamples: int = 500,
     confidence: float = 0.9,
     seed: int = 0,
-) -> tuple[float, tuple[float, float]]:
-    """(gain, (low, high)): the served version's :func:`window_error` minus the candidate's on the videos both
-    hold (positive: the candidate is better), and the central ``confidence`` interval of that difference over
-    ``resamples`` resamplings of the videos with replacement (the same draws for both; seeded)."""
+    labels: Sequence[str] = (),
+) -> tuple[float, tuple[float, float], dict[str, tuple[float, float]]]:
+    """(gain, (low, high), per label): the served version's :func:`window_error` minus the candidate's on the
+    videos both hold (positive: the candidate is better), and the central ``confidence`` interval of that
+    difference over ``resamples`` resamplings of the videos with replacement (the same draws for both;
+    seeded). Per label (``labels``, the rows of the terms in order): the interval of that label's own error
+    difference from the same draws, for :func:`decide`'s lost-label rule; none without ``labels``."""
     videos = sorted(set(candidate) & set(served))
     if not videos:
-        return float("nan"), (-1.0, 1.0)
+        return float("nan"), (-1.0, 1.0), {}
     cand = np.stack([candidate[v] for v in videos])  # (V, labels, 4)
     serv = np.stack([served[v] for v in videos])
     gain = float(_window_error(serv.sum(0)) - _window_error(cand.sum(0)))
     if len(videos) < 2:
-        return gain, (-1.0, 1.0)
+        return gain, (-1.0, 1.0), {label: (-1.0, 1.0) for label in labels}
     rng = np.random.default_rng(seed)
     counts = np.stack(
         [
@@ -178,12 +181,20 @@ def bootstrap_window_gain(
             for _ in range(resamples)
         ]
     )
-    diffs = _window_error(np.einsum("rv,vlk->rlk", counts, serv)) - _window_error(
-        np.einsum("rv,vlk->rlk", counts, cand)
-    )
+    serv_r, cand_r = np.einsum("rv,vlk->rlk", counts, serv), np.einsum("rv,vlk->rlk", counts, cand)
     tail = (1 - confidence) / 2
-    low, high = np.nanquantile(diffs, [tail, 1 - tail])
-    return gain, (float(low), float(high))
+
+    def interval(d: np.ndarray) -> tuple[float, float]:
+        if np.isnan(d).all():  # the label has no windows in any draw
+            return (-1.0, 1.0)
+        low, high = np.nanquantile(d, [tail, 1 - tail])
+        return (float(low), float(high))
+
+    per_label = {
+        label: interval(_window_error(serv_r[:, k : k + 1]) - _window_error(cand_r[:, k : k + 1]))
+        for k, label in enumerate(labels)
+    }
+    return gain, interval(_window_error(serv_r) - _window_error(cand_r)), per_label
 
 
 def decide(
@@ -203,9 +214,11 @@ def decide(
 ) -> GateDecision:
     """The gate's decision from both versions' per-label AP@0.5 and the bootstrap interval of the gain: the
     window error's (``window_gain``/``window_interval``, from :func:`bootstrap_window_gain`) where given, else
-    mAP@0.5's (``gain``/``interval``, from :func:`bootstrap_gain`). ``label_intervals`` (label -> interval of
-    its AP change, from :func:`bootstrap_gain`): a label counts as lost only where its interval lies below 0
-    too; without them, the point drop alone decides. ``learned=False`` (the candidate's training ended at
+    mAP@0.5's (``gain``/``interval``, from :func:`bootstrap_gain`). A label the serving version knew is lost
+    when its AP@0.5 falls by more than ``label_drop`` and its ``label_intervals`` entry (label -> interval of
+    its change, positive = better: of its own window error from :func:`bootstrap_window_gain` when gating on
+    windows, of its AP from :func:`bootstrap_gain` otherwise) lies below 0 too: on a few validation events
+    a label's AP falls by chance, its windows' error does not; without intervals the point drop decides. ``learned=False`` (the candidate's training ended at
     chance, :func:`workers.rounds.run.diverged`) holds it whatever it measures, unless forced."""
     intervals = label_intervals or {}
     lost = {

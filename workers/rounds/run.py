@@ -482,8 +482,8 @@ def run_round(
                 }
 
             cand_terms, serve_terms = terms(cand_results), terms(serve_results)
-            window_gain, window_interval = bootstrap_window_gain(
-                cand_terms, serve_terms, s.resamples, s.confidence, s.train.seed
+            window_gain, window_interval, window_label_intervals = bootstrap_window_gain(
+                cand_terms, serve_terms, s.resamples, s.confidence, s.train.seed, labels
             )
             cand_metrics["window_error"] = round(window_error(cand_terms), 5)
             serve_metrics["window_error"] = round(window_error(serve_terms), 5)
@@ -497,7 +497,7 @@ def run_round(
                 s.margin,
                 s.label_drop,
                 s.force,
-                label_intervals,
+                window_label_intervals if s.gate_on == "windows" else label_intervals,
                 window_gain if s.gate_on == "windows" else None,
                 window_interval if s.gate_on == "windows" else None,
                 learned=not attempts[-1]["diverged"],

@@ -57,7 +57,7 @@ def gelu_algorithm(tanh_form: bool, exact: bool = True) -> str:
 
     The tanh form is a fast approximation of exact GELU. The two differ by at most
     4.7e-4 (at x = -2.70, where bf16 itself rounds the product's output to steps of 0.016). On a CPU,
-    oneDNN's tanh post-op costs 80-95% of SigLIP's ``fc1`` product itself, erf 25-42% (bench/kernels.py):
+    oneDNN's tanh post-op costs 80-95% of SigLIP's ``fc1`` product itself, erf 25-42% (bench/kernel_timings.py):
     5-8% of a SigLIP tower's time. The tower's features stay as close to the fp32 model's (tanh) as with the
     tanh post-op (tests/test_engine.py). fp32 and autograd keep the model's own function.
     """

@@ -8,7 +8,7 @@ same thing on the tile unit: for each (batch, K/V head), K and V packed once int
 query rows at a time: the scores on the tiles, the mask added, each row's softmax over all its keys with
 AVX-512 (a whole row fits in cache, so no running rescale), the probabilities rounded to bf16 as SDPA does,
 and their product with V on the tiles; one block's products overlap the previous block's softmax. 1.6x
-SDPA at the tower's shape, 1.45-2x at the scoring's (``bench/kernels.py``), with SDPA's error against fp32
+SDPA at the tower's shape, 1.45-2x at the scoring's (``bench/kernel_timings.py``), with SDPA's error against fp32
 (``tests/test_cpu_kernels.py``). It runs where the inputs are bf16, head size 64, queries and keys of one
 length, no autograd, and either no mask (vision) or an additive mask shared by the heads (the decoder);
 SDPA runs otherwise.

@@ -12,7 +12,7 @@ Each line is the best of repeated calls, in bf16, with malloc keeping freed memo
   kernel built on these products), and the question pass's short masked attention;
 - RMSNorm: the eager module's passes, ``F.rms_norm``, and LayerNorm's native kernel for scale.
 
-    .venv/bin/python bench/kernels.py [--only linear,gelu,down,attention,norm]
+    .venv/bin/python bench/kernel_timings.py [--only linear,gelu,down,attention,norm]
 """
 
 from __future__ import annotations
