@@ -366,7 +366,7 @@ class RoundSettings(BaseModel):
     train_from: Literal["base", "serving"] = "serving"
     tune_thresholds: bool = True  # each label's P(yes) threshold chosen on the validation videos ...
     # ... and on training videos up to this many windows (scored from the round's encoder features; a bound,
-    # so a round's cost does not grow with the store's history: ~35 s on 2 CPU cores, well under 1 s on a GPU)
+    # so a round's cost does not grow with the store's history: ~35 s on 2 CPU cores at 0.14 s a window)
     tune_windows: int = Field(256, ge=0)
     yes_overlap: float = Field(
         0.5, ge=0, le=1

@@ -213,12 +213,12 @@ def train_until_learned(
         if where is not None:
             where.mkdir(parents=True, exist_ok=True)
         history = train(model, feats, examples, options, where, progress)
-        failed = diverged(history, options.answer_choices)
+        failed, tail = diverged(history, options.answer_choices), _tail_ce(history)
         attempts.append(
             {
                 "seed": options.seed,
                 "lr": options.lr,
-                "final_ce": round(_tail_ce(history), 4) if math.isfinite(_tail_ce(history)) else None,
+                "final_ce": round(tail, 4) if math.isfinite(tail) else None,
                 "diverged": failed,
             }
         )
