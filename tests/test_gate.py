@@ -126,30 +126,25 @@ def test_the_window_gate_promotes_sharper_probabilities_and_holds_back_no_change
         "round-2", "round-1", {}, {}, 0.2, (0.1, 0.3), window_gain=same, window_interval=same_interval
     )
     assert not held.promote and "window gain is not clearly above" in held.reason
+
+    def hand_falls(label_intervals=None):  # hand's AP 0.9 -> 0.1 on the validation videos, windows better
+        return decide(
+            "round-2",
+            "round-1",
+            {"hand": 0.1},
+            {"hand": 0.9},
+            0.0,
+            (0.0, 0.0),
+            label_intervals=label_intervals,
+            window_gain=gain,
+            window_interval=interval,
+        )
+
     # a label clearly lost still holds back a candidate whose windows are better
-    lost = decide(
-        "round-2",
-        "round-1",
-        {"hand": 0.1},
-        {"hand": 0.9},
-        0.0,
-        (0.0, 0.0),
-        window_gain=gain,
-        window_interval=interval,
-    )
+    lost = hand_falls()
     assert not lost.promote and "hand" in lost.reason
     # gating on windows: a label whose AP fell on a few events but whose windows are no worse is not lost
-    kept = decide(
-        "round-2",
-        "round-1",
-        {"hand": 0.1},
-        {"hand": 0.9},
-        0.0,
-        (0.0, 0.0),
-        label_intervals=per_label,
-        window_gain=gain,
-        window_interval=interval,
-    )
+    kept = hand_falls(per_label)
     assert kept.promote and not kept.lost
     worse = {
         v: window_error_terms(scored(sharp | {"hand": vague["hand"]}), g, ["jam", "hand"])
@@ -157,17 +152,7 @@ def test_the_window_gate_promotes_sharper_probabilities_and_holds_back_no_change
     }
     _, _, hand_worse = bootstrap_window_gain(worse, cand, resamples=200, labels=["jam", "hand"])
     assert hand_worse["hand"][1] < 0  # hand's windows clearly worse than the served version's
-    assert not decide(
-        "round-2",
-        "round-1",
-        {"hand": 0.1},
-        {"hand": 0.9},
-        0.0,
-        (0.0, 0.0),
-        label_intervals=hand_worse,
-        window_gain=0.01,
-        window_interval=(0.005, 0.02),
-    ).promote
+    assert not hand_falls(hand_worse).promote
 
 
 def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:

@@ -238,8 +238,10 @@ def tuning_videos(window_counts: dict[str, int], budget: int) -> list[str]:
     """The training videos (id -> its window count) whose windows a round scores to tune thresholds: in the
     order of their id hash (the same ones round after round, whatever else is added) up to ``budget``
     windows, at least one video; none for a budget of 0."""
+    if budget <= 0:
+        return []
     ids, total = [], 0
-    for i in sorted(window_counts, key=unit_hash) if budget > 0 else []:
+    for i in sorted(window_counts, key=unit_hash):
         if ids and total + window_counts[i] > budget:
             break
         ids.append(i)
@@ -487,6 +489,7 @@ def run_round(
             )
             cand_metrics["window_error"] = round(window_error(cand_terms), 5)
             serve_metrics["window_error"] = round(window_error(serve_terms), 5)
+            on_windows = s.gate_on == "windows"
             gate = decide(
                 name,
                 serving_name,
@@ -497,9 +500,9 @@ def run_round(
                 s.margin,
                 s.label_drop,
                 s.force,
-                window_label_intervals if s.gate_on == "windows" else label_intervals,
-                window_gain if s.gate_on == "windows" else None,
-                window_interval if s.gate_on == "windows" else None,
+                window_label_intervals if on_windows else label_intervals,
+                window_gain if on_windows else None,
+                window_interval if on_windows else None,
                 learned=not attempts[-1]["diverged"],
             )
             timings["evaluate_s"] = round(time.perf_counter() - t, 2)
