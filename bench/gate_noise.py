@@ -39,7 +39,12 @@ def main() -> None:
     snap = load_snapshot(store.root / record["snapshot_path"])
     settings = RoundSettings.model_validate(record["settings"])
     files = {v.video_id: os.path.realpath(v.video) for v in snap.videos}
-    _, val = split_ids(list(files), settings.validation_fraction, group=files.__getitem__)
+    _, val = split_ids(
+        list(files),
+        settings.validation_fraction,
+        group=files.__getitem__,
+        min_validation=settings.min_validation,
+    )
     by_id = {v.video_id: v for v in snap.videos}
     truth = {by_id[i].video: by_id[i].segments for i in val}
     rows = [json.loads(line) for line in (work / "heldout" / "ground_truth.jsonl").read_text().splitlines()]

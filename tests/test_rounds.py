@@ -61,6 +61,27 @@ def test_a_small_snapshot_always_splits_into_both_sides():
     assert split_ids(big)[1] == [i for i in big if split_of(i) == "validation"]  # the hash split as it is
 
 
+def test_validation_gets_a_minimum_of_videos_and_keeps_them_as_the_snapshot_grows():
+    """12 ids whose hashes put 1 in validation (as the second event set's did) get 3; a snapshot that grows
+    past the minimum's size never draws a video that trained into validation."""
+    for start in range(0, 3000, 12):
+        ids = [f"clip-{start + k}" for k in range(12)]
+        if sum(split_of(i) == "validation" for i in ids) <= 1:
+            break
+    train, val = split_ids(ids)
+    assert len(val) == 3 and sorted(train + val) == sorted(ids)
+    assert set(val) >= {i for i in ids if split_of(i) == "validation"}
+    assert len(split_ids(ids, min_validation=1)[1]) == 1  # the hash split, or its one lowest-hash video
+    assert len(split_ids(ids[:6])[1]) >= 2 and len(split_ids(ids[:4])[1]) >= 1
+    for start in range(0, 400, 5):
+        pool = [f"v-{start + k}" for k in range(40)]
+        trained: set[str] = set()
+        for n in range(9, 41):  # from the size where the minimum is 3 on, every round adds one video
+            train, val = split_ids(pool[:n])
+            assert not trained & set(val)
+            trained |= set(train)
+
+
 def test_snapshot_id_depends_only_on_content(snapshot, tmp_path):
     again = snapshot.model_copy(update={"id": ""}).frozen()
     assert again.id == snapshot.id

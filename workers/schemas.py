@@ -352,6 +352,8 @@ class RoundSettings(BaseModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     prelabel: PrelabelSettings = Field(default_factory=PrelabelSettings)
     validation_fraction: float = Field(0.25, gt=0, lt=1)
+    # validation takes at least this many videos (a third of a smaller snapshot) where the hash gives fewer
+    min_validation: int = Field(3, ge=1)
     margin: float = 0.0  # the gain's bootstrap interval must lie above this to promote
     # what the gain is measured on (workers.rounds.gate): "windows", the fall in window error (every validation
     # window a paired observation: steady on a few videos), or "map", mAP@0.5 (both are reported)

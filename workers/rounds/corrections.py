@@ -46,22 +46,31 @@ def split_of(video_id: str, validation_fraction: float = 0.25) -> str:
 
 
 def split_ids(
-    video_ids: list[str], validation_fraction: float = 0.25, group: Callable[[str], str] | None = None
+    video_ids: list[str],
+    validation_fraction: float = 0.25,
+    group: Callable[[str], str] | None = None,
+    min_validation: int = 3,
 ) -> tuple[list[str], list[str]]:
     """(train, validation) ids by :func:`split_of`. ``group`` maps an id to what must stay on one side (the
-    video file: two tasks or samples on one file never land on both sides); default: each id alone. When
-    the hash leaves one side empty and there are at least two groups, the group with the lowest hash is
-    validation (or the one with the highest is training), so a small snapshot still gives a round both; the
-    choice stays stable as the snapshot grows."""
+    video file: two tasks or samples on one file never land on both sides); default: each id alone.
+
+    A small snapshot still gives the gate something to decide on: when the hash puts fewer than
+    ``min(min_validation, groups // 3)`` groups (at least 1 where there are 2) in validation, the training
+    groups with the lowest hashes join it, and when it leaves training empty the validation group with the
+    highest hash trains. On one validation video no interval can tell a gain from luck (the second event set's
+    12 corrected videos hashed to 1: bench/README.md). The choice is stable as the snapshot grows: a group
+    that trained is only drawn into validation when the snapshot first reaches the size where the minimum
+    rises (a third of it up to ``min_validation``)."""
     key = group or (lambda i: i)
     groups: dict[str, list[str]] = {}
     for i in video_ids:
         groups.setdefault(key(i), []).append(i)
     train = [g for g in groups if split_of(g, validation_fraction) == "train"]
     val = [g for g in groups if split_of(g, validation_fraction) == "validation"]
-    if len(groups) >= 2 and not val:
-        first = min(train, key=unit_hash)
-        train, val = [g for g in train if g != first], [first]
+    want = max(1, min(min_validation, len(groups) // 3)) if len(groups) >= 2 else 0
+    if len(val) < want:
+        extra = set(sorted(train, key=unit_hash)[: want - len(val)])
+        train, val = [g for g in train if g not in extra], [g for g in groups if g in extra or g in val]
     elif len(groups) >= 2 and not train:
         last = max(val, key=unit_hash)
         train, val = [last], [g for g in val if g != last]

@@ -369,7 +369,9 @@ def run_round(
                 v.video_id: os.path.realpath(v.video) if not is_remote(v.video) else v.video
                 for v in snapshot.videos
             }
-            train_ids, val_ids = split_ids(ids, s.validation_fraction, group=files.__getitem__)
+            train_ids, val_ids = split_ids(
+                ids, s.validation_fraction, group=files.__getitem__, min_validation=s.min_validation
+            )
             if not train_ids or not val_ids:
                 raise ValueError(
                     f"{len(ids)} corrected videos give {len(train_ids)} for training and {len(val_ids)} for "

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,15 @@ class WindowFeatures:
 
     windows: torch.Tensor  # (W, F, K, Dv): each window's frames, encoded as one clip
     global_frames: torch.Tensor  # (G, K, Dv): the frames the global part pools over (G may be 0)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model, and the
+    FutureWarning would reach every caller's terminal; nothing else is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 class STLLM(nn.Module):
@@ -119,7 +130,8 @@ class STLLM(nn.Module):
         lora = LoraConfig(
             r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=c.lora_targets
         )
-        self.lm = get_peft_model(self.backbone.decoder, lora)
+        with _quiet_peft():
+            self.lm = get_peft_model(self.backbone.decoder, lora)
 
     def load_lora(self, adapter_dir: str, trainable: bool = False) -> None:
         """Load a saved LoRA adapter onto the decoder: ``trainable`` to continue training it, else merged
@@ -127,7 +139,8 @@ class STLLM(nn.Module):
         hook's fused kernels apply to them as to the base model's). A merged model cannot be saved again."""
         from peft import PeftModel
 
-        lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
+        with _quiet_peft():
+            lm = PeftModel.from_pretrained(self.backbone.decoder, adapter_dir, is_trainable=trainable)
         self.lm = lm if trainable else lm.merge_and_unload()
         self.merged_adapter = None if trainable else adapter_dir
 
