@@ -3,7 +3,7 @@ encoder features, the way ``workers.rounds.run.run_round`` does them (window exa
 a validation split by video file, per-label thresholds tuned on it), without re-encoding a video per run.
 
 The encoder is frozen, so one model's features serve every variant with the same backbone spec; a variant that
-changes the spec (grid, motion) gets its own base model and features.
+changes the spec (grid, pool, motion) gets its own base model and features.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Lab:
         from workers.stllm.io import MODEL_FILE, load_model
 
         spec = json.loads((base / MODEL_FILE).read_text())["backbone"]
-        key = (json.dumps({k: spec.get(k) for k in ("vision", "grid")}, sort_keys=True), video.video)
+        key = (json.dumps({k: spec.get(k) for k in ("vision", "grid", "pool")}, sort_keys=True), video.video)
         if key not in self._feats:
             p = self.p
             name = hashlib.sha1(
@@ -125,7 +125,7 @@ class Lab:
 
         by_id = {v.video_id: v for v in snapshot.videos}
         ids = list(by_id)
-        train_ids, val_ids = split_ids(ids, 0.25, group=lambda i: str(Path(by_id[i].video).resolve()))
+        train_ids, val_ids = split_ids(ids, group=lambda i: str(Path(by_id[i].video).resolve()))
         s = RoundSettings(prelabel=self.p)
         index = {i: k for k, i in enumerate(train_ids)}
         examples = [Example(index[v], w, q, a) for v, w, q, a in window_examples(snapshot, train_ids, s)]

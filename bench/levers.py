@@ -15,6 +15,7 @@ TrainSettings, builtin spec or STLLMConfig change against the product's defaults
     signed_motion  the signed change instead of its absolute value (the earlier input)
     raw_input      the connector reads the encoder's features as they are (not standardised, InputStandardizer)
     grid3          3 x 3 tokens per frame instead of 2 x 2
+    avgmax         each token the mean and the maximum of its cell's features (the default: the mean)
     lora_qv        LoRA on q and v only (the earlier targets)
     batch8         8 windows a step instead of 4          steps200     twice the steps
     lr2e-3         the earlier learning rate (twice the default 1e-3)
@@ -44,6 +45,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "signed_motion": ({}, {"motion": True}, {}),
     "raw_input": ({}, {"standardize": False}, {}),
     "grid3": ({}, {"grid": 3}, {}),
+    "avgmax": ({}, {"pool": "avgmax"}, {}),
     "lora_qv": ({}, {}, {"lora_targets": ["q_proj", "v_proj"]}),
     "batch8": ({"batch_size": 8}, {}, {}),
     "steps200": ({"steps": 200}, {}, {}),

@@ -81,3 +81,19 @@ def test_folded_efficientnet_computes_the_same_features():
         flops.append(counter.get_total_flops())
     assert flops[0] == flops[1] > 1e9
     assert cosine(served.flatten(1), reference.flatten(1)).min() > 0.995
+
+
+def test_avgmax_pool_keeps_a_small_bright_spot_the_mean_dilutes():
+    """A spot in one of a cell's 16 positions moves the cell's mean by 1/16 and its max by all of it."""
+    from workers.stllm.backbones.composed import TokenGridPool
+
+    fmap = torch.zeros(1, 3, 8, 8)
+    fmap[0, 1, 0, 0] = 16.0  # one position of the top-left 4x4 cell
+    avg = TokenGridPool(2)(fmap)
+    both = TokenGridPool(2, "avgmax")(fmap)
+    assert avg.shape == (1, 4, 3) and both.shape == (1, 4, 6)
+    assert torch.equal(both[..., :3], avg)
+    assert avg[0, 0, 1] == 1.0 and both[0, 0, 4] == 16.0  # the cell's mean and its max of channel 1
+    assert both[0, 1:].abs().sum() == 0  # the other cells see nothing
+    with pytest.raises(ValueError, match="avgmax"):
+        TokenGridPool(2, "median")

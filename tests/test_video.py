@@ -60,6 +60,14 @@ def test_preprocess_gives_normalised_square_frames():
     assert x.shape == (2, 3, 32, 32)
 
 
+def test_inference_sees_the_whole_frame():
+    """A mark in the corner of a 16:9 frame reaches the encoder's input (a centre crop would cut it off)."""
+    frames = torch.zeros((1, 90, 160, 3), dtype=torch.uint8)
+    frames[0, :12, :12] = 255  # top-left corner
+    x = preprocess_frames(frames, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert x[0, :, :3, :2].min() > 0.9 and x[0, :, 8:, 8:].max() < 0.1
+
+
 def test_variable_frame_rate_is_detected(tmp_path):
     from fractions import Fraction
 

@@ -31,15 +31,21 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stllm"
 
 
 class TokenGridPool(nn.Module):
-    """Average-pools a square patch grid to ``grid x grid`` tokens per frame (spatial only, never over time)."""
+    """Pools a square patch grid to ``grid x grid`` tokens per frame (spatial only, never over time).
+    ``mode``: "avg", each cell's mean; "avgmax", its mean and its maximum side by side (twice the width), so
+    something small in a cell (an indicator lamp, a small part) is not averaged away over the cell's area."""
 
-    def __init__(self, grid: int):
+    def __init__(self, grid: int, mode: str = "avg"):
         super().__init__()
-        self.grid = grid
+        if mode not in ("avg", "avgmax"):
+            raise ValueError(f'backbone spec "pool": "avg" or "avgmax", not {mode!r}')
+        self.grid, self.mode = grid, mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, grid*grid, C)
-        x = F.adaptive_avg_pool2d(x, self.grid)
-        return x.flatten(2).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, grid*grid, C or 2C)
+        pooled = F.adaptive_avg_pool2d(x, self.grid)
+        if self.mode == "avgmax":
+            pooled = torch.cat([pooled, F.adaptive_max_pool2d(x, self.grid)], 1)
+        return pooled.flatten(2).transpose(1, 2)
 
 
 class InputStandardizer(nn.Module):
@@ -206,7 +212,7 @@ class ComposedBackbone(Backbone):
         self.lm_head = causal_lm.lm_head
         self.lm_head.requires_grad_(False)
         self.hidden_size = causal_lm.config.hidden_size
-        self.pool = TokenGridPool(spec.get("grid", 2))
+        self.pool = TokenGridPool(spec.get("grid", 2), spec.get("pool", "avg"))
         self.tokens_per_frame = self.pool.grid**2
         self.motion_input = bool(spec.get("motion", False))
         self.motion_magnitude = spec.get("motion") == "magnitude"
