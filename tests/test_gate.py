@@ -7,11 +7,13 @@ import pytest
 from workers.rounds.corrections import accumulate, choose_windows
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import (
+    bootstrap_auc_gain,
     bootstrap_gain,
     bootstrap_window_gain,
     decide,
     window_error,
     window_error_terms,
+    window_ranking_parts,
 )
 from workers.schemas import (
     CorrectedVideo,
@@ -159,6 +161,55 @@ def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:
     return CorrectedVideo(
         video_id=vid, video=f"/v/{vid}.mp4", fps=10.0, n_frames=300, duration=30.0, segments=segments
     )
+
+
+def test_the_ranking_gate_sees_better_order_and_ignores_a_calibration_shift():
+    """Six videos of 15 windows, jam in windows 3-6 and 10-11. A candidate that orders jam's windows better
+    promotes on its window ROC-AUC; one that only cubes the served P(yes) (the same order, a calibration shift
+    the tuned thresholds absorb) has no AUC gain, though its window error changes."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = [seg("jam", 6.0, 14.0), seg("jam", 20.0, 24.0)]
+    yes = {3, 4, 5, 6, 10, 11}
+    videos = {}
+    for v in range(6):  # served: one yes window per video (another in each) below most no windows
+        miss = sorted(yes)[v]
+        vague = [0.55 if k in yes and k != miss else 0.45 + 0.01 * (k % 3) for k in range(15)]
+        sharp = [0.9 if k in yes else 0.1 for k in range(15)]
+        videos[f"v{v}"] = (vague, sharp)
+
+    def parts(pick):
+        return {v: window_ranking_parts(scored({"jam": pick(p)}), truth, ["jam"]) for v, p in videos.items()}
+
+    served, better = parts(lambda p: p[0]), parts(lambda p: p[1])
+    cubed = parts(lambda p: [x**3 for x in p[0]])
+    gain, interval, per_label = bootstrap_auc_gain(better, served, resamples=200, labels=["jam"])
+    pooled = [x for v in served.values() for x in (*v[0][0], *v[0][1])]
+    target = [y for v in served.values() for y in [1] * len(v[0][0]) + [0] * len(v[0][1])]
+    assert gain == pytest.approx(1.0 - roc_auc_score(target, pooled))  # the pooled AUC, as sklearn has it
+    assert interval[0] > 0 and per_label["jam"][0] > 0
+    d = decide(
+        "round-2",
+        "round-1",
+        {},
+        {},
+        0.0,
+        (-1.0, 1.0),
+        window_gain=gain,
+        window_interval=interval,
+        statistic="ranking",
+    )
+    assert d.promote and d.on == "ranking" and "window ROC-AUC rises by" in d.reason
+    same, same_interval, _ = bootstrap_auc_gain(cubed, served, resamples=200, labels=["jam"])
+    assert same == pytest.approx(0.0) and same_interval == pytest.approx((0.0, 0.0))
+    assert not decide("c", "s", {}, {}, 0.0, (-1, 1), window_gain=same, window_interval=same_interval).promote
+    terms = {
+        k: {v: window_error_terms(scored({"jam": pick(p)}), truth, ["jam"]) for v, p in videos.items()}
+        for k, pick in (("served", lambda p: p[0]), ("cubed", lambda p: [x**3 for x in p[0]]))
+    }
+    assert abs(window_error(terms["served"]) - window_error(terms["cubed"])) > 0.05  # the Brier score moves
+    one = {"v0": better["v0"]}
+    assert bootstrap_auc_gain(one, {"v0": served["v0"]}, labels=["jam"])[1] == (-1.0, 1.0)  # one video
 
 
 def test_windows_are_the_longest_whose_ceiling_stays_near_the_best():

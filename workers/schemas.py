@@ -355,9 +355,11 @@ class RoundSettings(BaseModel):
     # validation takes at least this many videos (a third of a smaller snapshot) where the hash gives fewer
     min_validation: int = Field(3, ge=1)
     margin: float = 0.0  # the gain's bootstrap interval must lie above this to promote
-    # what the gain is measured on (workers.rounds.gate): "windows", the fall in window error (every validation
-    # window a paired observation: steady on a few videos), or "map", mAP@0.5 (both are reported)
-    gate_on: Literal["windows", "map"] = "windows"
+    # what the gain is measured on (workers.rounds.gate): "ranking", the rise in window ROC-AUC per label (what
+    # thresholds tuned per label serve from; every validation window a paired observation), "windows", the fall
+    # in window error (the Brier score: counts a shift in calibration the thresholds absorb as a loss), or
+    # "map", mAP@0.5 (noisy on a few videos); all three are reported
+    gate_on: Literal["ranking", "windows", "map"] = "ranking"
     confidence: float = Field(0.9, gt=0, lt=1)  # of that interval
     resamples: int = Field(500, ge=10)
     label_drop: float = Field(0.15, ge=0, le=1)  # a label whose AP@0.5 falls by more blocks promotion

@@ -194,11 +194,12 @@ def add_parsers(sub) -> None:
     )
     r.add_argument(
         "--gate-on",
-        choices=("windows", "map"),
+        choices=("ranking", "windows", "map"),
         default=default(RoundSettings, "gate_on"),
-        help="what the gain is measured on: windows (default), the fall in window error (the per-label Brier "
-        "score of every validation window: steady on a few videos), or map, mAP@0.5 (noisy on a small "
-        "validation split); both are reported",
+        help="what the gain is measured on: ranking (default), the rise in each label's window ROC-AUC (how "
+        "well P(yes) orders the validation windows: what per-label thresholds serve from), windows, the fall "
+        "in window error (the per-label Brier score, which also counts a calibration shift the thresholds "
+        "absorb), or map, mAP@0.5 (noisy on a small validation split); all three are reported",
     )
     r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
     r.add_argument(

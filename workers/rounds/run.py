@@ -14,8 +14,8 @@
               at another seed and half the learning rate (``retries``)
     thresholds each label's P(yes) threshold, chosen on the validation and training videos
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
-              interval of the fall in window error (or of the mAP@0.5 gain, ``gate_on="map"``), and no
-              label clearly lost; or forced
+              interval of the rise in window ROC-AUC (or of the fall in window error, ``gate_on="windows"``,
+              or of the mAP@0.5 gain, ``gate_on="map"``), and no label clearly lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
 
 A round that fails anywhere leaves the registry and the served version as they were.
@@ -48,11 +48,13 @@ from workers.rounds.corrections import (
 )
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import (
+    bootstrap_auc_gain,
     bootstrap_gain,
     bootstrap_window_gain,
     decide,
     window_error,
     window_error_terms,
+    window_ranking_parts,
 )
 from workers.rounds.registry import ModelStore, RegistryError
 from workers.schemas import (
@@ -491,7 +493,25 @@ def run_round(
             )
             cand_metrics["window_error"] = round(window_error(cand_terms), 5)
             serve_metrics["window_error"] = round(window_error(serve_terms), 5)
-            on_windows = s.gate_on == "windows"
+
+            def ranking(results: dict[str, PrelabelResult]) -> dict:
+                return {
+                    i: window_ranking_parts(
+                        results[i], gt[i], labels, s.yes_overlap, s.no_overlap, by_id[i].labels
+                    )
+                    for i in val_ids
+                }
+
+            auc_gain, auc_interval, auc_label_intervals = bootstrap_auc_gain(
+                ranking(cand_results), ranking(serve_results), s.resamples, s.confidence, s.train.seed, labels
+            )
+            cand_metrics["window_auc_gain"] = round(auc_gain, 5)
+            cand_metrics["window_auc_interval"] = [round(x, 5) for x in auc_interval]
+            chosen = {
+                "ranking": (auc_label_intervals, auc_gain, auc_interval),
+                "windows": (window_label_intervals, window_gain, window_interval),
+                "map": (label_intervals, None, None),
+            }[s.gate_on]
             gate = decide(
                 name,
                 serving_name,
@@ -502,10 +522,9 @@ def run_round(
                 s.margin,
                 s.label_drop,
                 s.force,
-                window_label_intervals if on_windows else label_intervals,
-                window_gain if on_windows else None,
-                window_interval if on_windows else None,
+                *chosen,
                 learned=not attempts[-1]["diverged"],
+                statistic=s.gate_on,
             )
             timings["evaluate_s"] = round(time.perf_counter() - t, 2)
             promote, reason = gate.promote, gate.reason
