@@ -1,10 +1,11 @@
 """How steady each gate statistic is on a few validation videos, on a finished ``make demo``'s versions.
 
 Round-1 and round-2 pre-label round 2's validation videos and the held-out set (as they serve: their own
-windows and thresholds). Printed for each set: mAP@0.5, mAP (tIoU 0.3-0.7), the window error the gate uses
-(workers.rounds.gate.window_error) and the window gate's bootstrap interval; then, over random draws of as
-many videos as the validation split has from all of them, how often each statistic's round-2 minus round-1
-difference has the opposite sign to its value on all the videos, and its spread.
+windows and thresholds). Printed for each set: mAP@0.5, mAP (tIoU 0.3-0.7), the fall in window error
+(workers.rounds.gate.window_error, ``gate_on="windows"``) and the rise in window ROC-AUC (the default gate's),
+with their bootstrap intervals, and on the validation videos what each gate decides; then, over random draws
+of as many videos as the validation split has from all of them, how often each statistic's round-2 minus
+round-1 difference has the opposite sign to its value on all the videos, and its spread.
 
     .venv/bin/python bench/gate_noise.py [--workdir .stllm-demo] [--draws 300]
 """
@@ -28,7 +29,15 @@ def main() -> None:
     from workers.jobs import prelabel_videos
     from workers.rounds.corrections import load_snapshot, split_ids
     from workers.rounds.evaluation import evaluate
-    from workers.rounds.gate import bootstrap_window_gain, decide, window_error, window_error_terms
+    from workers.rounds.gate import (
+        bootstrap_auc_gain,
+        bootstrap_gain,
+        bootstrap_window_gain,
+        decide,
+        window_error,
+        window_error_terms,
+        window_ranking_parts,
+    )
     from workers.rounds.registry import ModelStore
     from workers.schemas import PrelabelSettings, RoundSettings, Segment
     from workers.stllm.io import load_model
@@ -52,26 +61,46 @@ def main() -> None:
     labels = [x.name for x in snap.labels]
     sets = {"validation": list(truth), "held-out": list(heldout)}
     truth |= heldout
-    segs, terms = {}, {}
+    segs, terms, ranks = {}, {}, {}
     for name in ("round-1", "round-2"):
         model = load_model(store.version_dir(name), dtype="auto")
         results = prelabel_videos(model, list(truth), snap.labels, PrelabelSettings())
         segs[name] = {r.video: [Segment.model_validate(s) for s in r.segments] for r in results}
         terms[name] = {r.video: window_error_terms(r, truth[r.video], labels) for r in results}
+        ranks[name] = {r.video: window_ranking_parts(r, truth[r.video], labels) for r in results}
         print(f"pre-labeled {len(results)} videos with {name}", file=sys.stderr, flush=True)
 
+    def auc(videos: list[str]) -> tuple[float, tuple[float, float], dict]:
+        """round-2 minus round-1 window ROC-AUC, its interval and per-label intervals on these videos."""
+        return bootstrap_auc_gain(
+            {v: ranks["round-2"][v] for v in videos},
+            {v: ranks["round-1"][v] for v in videos},
+            settings.resamples,
+            settings.confidence,
+            settings.train.seed,
+            labels,
+        )
+
     def stats(videos: list[str]) -> np.ndarray:
-        """round-2 minus round-1: mAP@0.5, mAP, and the fall in window error (all: positive = round-2 better)."""
+        """round-2 minus round-1: mAP@0.5, mAP, the fall in window error and the rise in window ROC-AUC (all:
+        positive = round-2 better)."""
         gt = {v: truth[v] for v in videos}
         r1 = evaluate({v: segs["round-1"][v] for v in videos}, gt)
         r2 = evaluate({v: segs["round-2"][v] for v in videos}, gt)
         err = {n: window_error({v: terms[n][v] for v in videos}) for n in terms}
+        rise = bootstrap_auc_gain(
+            {v: ranks["round-2"][v] for v in videos},
+            {v: ranks["round-1"][v] for v in videos},
+            10,
+            labels=labels,
+        )[0]
         return np.array(
-            [r2.map_at(0.5) - r1.map_at(0.5), r2.mean_ap - r1.mean_ap, err["round-1"] - err["round-2"]]
+            [r2.map_at(0.5) - r1.map_at(0.5), r2.mean_ap - r1.mean_ap, err["round-1"] - err["round-2"], rise]
         )
 
     print(
         f"\n{'videos':<12}{'n':>3}   round-2 minus round-1: mAP@0.5    mAP   window error fall [90% interval]"
+        "   window AUC rise [90% interval]"
     )
     for name, videos in [*sets.items(), ("all", list(truth))]:
         d = stats(videos)
@@ -83,32 +112,49 @@ def main() -> None:
             settings.train.seed,
             labels,
         )
+        rise, (alo, ahi), auc_labels = auc(videos)
         print(
             f"{name:<12}{len(videos):>3}   {d[0]:>+30.3f} {d[1]:>+6.3f}   {gain:>+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            f"   {rise:>+.4f} [{alo:+.4f}, {ahi:+.4f}]"
         )
         gt = {v: truth[v] for v in videos}
         ap = {n: evaluate({v: segs[n][v] for v in videos}, gt, labels=labels).to_dict() for n in segs}
         for label in labels:
             a1, a2 = ap["round-1"]["per_label_AP@0.5"][label], ap["round-2"]["per_label_AP@0.5"][label]
-            w = per_label[label]
+            w, r = per_label[label], auc_labels[label]
             print(
-                f"{'':<16}{label:<14} AP@0.5 {a1:.2f} -> {a2:.2f}   its window error fall [{w[0]:+.4f}, {w[1]:+.4f}]"
+                f"{'':<16}{label:<14} AP@0.5 {a1:.2f} -> {a2:.2f}   its window error fall [{w[0]:+.4f}, "
+                f"{w[1]:+.4f}], AUC rise [{r[0]:+.4f}, {r[1]:+.4f}]"
             )
         if name == "validation":
-            gate = decide(
-                "round-2",
-                "round-1",
-                ap["round-2"]["per_label_AP@0.5"],
-                ap["round-1"]["per_label_AP@0.5"],
-                d[0],
-                (float("nan"), float("nan")),
-                settings.margin,
-                settings.label_drop,
-                label_intervals=per_label,
-                window_gain=gain,
-                window_interval=(lo, hi),
+            map_gain, map_interval = bootstrap_gain(
+                {v: segs["round-2"][v] for v in videos},
+                {v: segs["round-1"][v] for v in videos},
+                gt,
+                labels,
+                settings.resamples,
+                settings.confidence,
+                settings.train.seed,
             )
-            print(f"{'':<16}the window gate here: {gate.reason} -> promote: {gate.promote}")
+            for on, intervals, g, i in (
+                ("ranking", auc_labels, rise, (alo, ahi)),
+                ("windows", per_label, gain, (lo, hi)),
+            ):
+                gate = decide(
+                    "round-2",
+                    "round-1",
+                    ap["round-2"]["per_label_AP@0.5"],
+                    ap["round-1"]["per_label_AP@0.5"],
+                    map_gain,
+                    map_interval,
+                    settings.margin,
+                    settings.label_drop,
+                    label_intervals=intervals,
+                    window_gain=g,
+                    window_interval=i,
+                    statistic=on,
+                )
+                print(f"{'':<16}gating on {on}: {gate.reason} -> promote: {gate.promote}")
     everything = list(truth)
     sign = np.sign(stats(everything))
     rng = np.random.default_rng(0)
@@ -118,8 +164,9 @@ def main() -> None:
     wrong = (np.sign(draws) != sign).mean(0)
     print(
         f"\n{args.draws} random draws of {len(val)} of the {len(everything)} videos: opposite sign to all videos' "
-        f"difference in {wrong[0]:.0%} (mAP@0.5), {wrong[1]:.0%} (mAP), {wrong[2]:.0%} (window error); "
-        f"sd {draws[:, 0].std():.3f} / {draws[:, 1].std():.3f} / {draws[:, 2].std():.4f}"
+        f"difference in {wrong[0]:.0%} (mAP@0.5), {wrong[1]:.0%} (mAP), {wrong[2]:.0%} (window error), "
+        f"{wrong[3]:.0%} (window AUC); sd {draws[:, 0].std():.3f} / {draws[:, 1].std():.3f} / "
+        f"{draws[:, 2].std():.4f} / {draws[:, 3].std():.4f}"
     )
     print(f"command: .venv/bin/python bench/gate_noise.py --workdir {args.workdir} --draws {args.draws}")
 
