@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=300)
     args = ap.parse_args()
     from workers.jobs import prelabel_videos
-    from workers.rounds.corrections import load_snapshot, split_ids
+    from workers.rounds.corrections import load_snapshot, split_ids, video_key
     from workers.rounds.evaluation import evaluate
     from workers.rounds.gate import (
         bootstrap_auc_gain,
@@ -47,7 +46,7 @@ def main() -> None:
     record = store.read()["versions"]["round-2"]
     snap = load_snapshot(store.root / record["snapshot_path"])
     settings = RoundSettings.model_validate(record["settings"])
-    files = {v.video_id: os.path.realpath(v.video) for v in snap.videos}
+    files = {v.video_id: video_key(v.video) for v in snap.videos}
     _, val = split_ids(
         list(files),
         settings.validation_fraction,

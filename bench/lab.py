@@ -117,7 +117,7 @@ class Lab:
         ends at chance and the thresholds as run_round makes them."""
         import torch
 
-        from workers.rounds.corrections import split_ids
+        from workers.rounds.corrections import split_ids, video_key
         from workers.rounds.run import checked_only, train_until_learned, tune_thresholds, window_examples
         from workers.schemas import RoundSettings, TrainSettings
         from workers.stllm.io import load_model, save_model
@@ -125,7 +125,7 @@ class Lab:
 
         by_id = {v.video_id: v for v in snapshot.videos}
         ids = list(by_id)
-        train_ids, val_ids = split_ids(ids, group=lambda i: str(Path(by_id[i].video).resolve()))
+        train_ids, val_ids = split_ids(ids, group=lambda i: video_key(by_id[i].video))
         s = RoundSettings(prelabel=self.p)
         index = {i: k for k, i in enumerate(train_ids)}
         examples = [Example(index[v], w, q, a) for v, w, q, a in window_examples(snapshot, train_ids, s)]

@@ -180,6 +180,23 @@ def test_a_failure_mid_training_leaves_serving_unchanged(store, snapshot, monkey
     assert "round-1" in store.read()["versions"]
 
 
+def test_a_videos_side_follows_its_content_not_its_path(tmp_path):
+    """A video moved or copied to another folder keeps its key (and so its side); another video does not
+    share it; a URL or a missing file is its own key."""
+    from workers.rounds.corrections import video_key
+
+    a, b = tmp_path / "a" / "v.mp4", tmp_path / "b" / "moved.mp4"
+    for p in (a, b):
+        p.parent.mkdir()
+    a.write_bytes(bytes(range(256)) * 1000)
+    b.write_bytes(a.read_bytes())
+    other = tmp_path / "other.mp4"
+    other.write_bytes(a.read_bytes()[:-1] + b"x")
+    assert video_key(str(a)) == video_key(str(b)) != video_key(str(other))
+    assert video_key("https://host/v.mp4") == "https://host/v.mp4"
+    assert video_key(str(tmp_path / "gone.mp4")) == str(tmp_path / "gone.mp4")
+
+
 def test_one_file_never_lands_on_both_sides_of_the_split():
     """Corrections of several tasks or samples on one video file are grouped: all train or all validation."""
     ids = [f"task-{i}" for i in range(60)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def split_of(video_id: str, validation_fraction: float = 0.25) -> str:
     """'train' or 'validation' from a hash of the video id: stable across rounds, so the validation score
     of round N and round N+1 compare."""
     return "validation" if unit_hash(video_id) < validation_fraction else "train"
+
+
+def video_key(video: str, sample: int = 1 << 16) -> str:
+    """What a video's train/validation side is drawn from: a hash of its size and its first and last
+    ``sample`` bytes for a local file (the same video lands on the same side wherever the project or its
+    videos are moved, and two copies of one file share a side), the reference itself for a URL or a file that
+    cannot be read. The cost is bounded per video, whatever its length."""
+    try:
+        with open(video, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(sample)
+            f.seek(max(0, size - sample))
+            tail = f.read(sample)
+    except OSError:
+        return video
+    return "file:" + hashlib.sha1(str(size).encode() + head + tail).hexdigest()
 
 
 def split_ids(

@@ -45,6 +45,7 @@ from workers.rounds.corrections import (
     save_snapshot,
     split_ids,
     unit_hash,
+    video_key,
 )
 from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import (
@@ -367,10 +368,7 @@ def run_round(
             p = asked.resolved(chosen if asked.window_s is None else None)
             s = s.model_copy(update={"prelabel": p})
             ids = [v.video_id for v in snapshot.videos]
-            files = {
-                v.video_id: os.path.realpath(v.video) if not is_remote(v.video) else v.video
-                for v in snapshot.videos
-            }
+            files = {v.video_id: video_key(v.video) for v in snapshot.videos}  # one file: one side
             train_ids, val_ids = split_ids(
                 ids, s.validation_fraction, group=files.__getitem__, min_validation=s.min_validation
             )
