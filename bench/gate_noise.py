@@ -69,12 +69,14 @@ def main() -> None:
         ranks[name] = {r.video: window_ranking_parts(r, truth[r.video], labels) for r in results}
         print(f"pre-labeled {len(results)} videos with {name}", file=sys.stderr, flush=True)
 
-    def auc(videos: list[str]) -> tuple[float, tuple[float, float], dict]:
+    def auc(
+        videos: list[str], resamples: int = settings.resamples
+    ) -> tuple[float, tuple[float, float], dict]:
         """round-2 minus round-1 window ROC-AUC, its interval and per-label intervals on these videos."""
         return bootstrap_auc_gain(
             {v: ranks["round-2"][v] for v in videos},
             {v: ranks["round-1"][v] for v in videos},
-            settings.resamples,
+            resamples,
             settings.confidence,
             settings.train.seed,
             labels,
@@ -87,12 +89,7 @@ def main() -> None:
         r1 = evaluate({v: segs["round-1"][v] for v in videos}, gt)
         r2 = evaluate({v: segs["round-2"][v] for v in videos}, gt)
         err = {n: window_error({v: terms[n][v] for v in videos}) for n in terms}
-        rise = bootstrap_auc_gain(
-            {v: ranks["round-2"][v] for v in videos},
-            {v: ranks["round-1"][v] for v in videos},
-            10,
-            labels=labels,
-        )[0]
+        rise = auc(videos, 10)[0]  # the point estimate; few resamples
         return np.array(
             [r2.map_at(0.5) - r1.map_at(0.5), r2.mean_ap - r1.mean_ap, err["round-1"] - err["round-2"], rise]
         )

@@ -111,6 +111,22 @@ def bootstrap_gain(
     return gain, (float(low), float(high))
 
 
+def _label_windows(
+    result: PrelabelResult, truth: Sequence[Segment], labels: Sequence[str], checked: Sequence[str] | None
+) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+    """Per label: its windows' P(yes) and the share of each window its true events cover; (None, None) for a
+    label outside ``checked`` (when given) or without probabilities."""
+    spans = [tuple(w) for w in result.windows]
+    out: list[tuple[np.ndarray | None, np.ndarray | None]] = []
+    for label in labels:
+        if label not in result.window_probs or (checked is not None and label not in checked):
+            out.append((None, None))
+            continue
+        share = covered_shares([g for g in truth if g.label == label], spans)
+        out.append((np.asarray(result.window_probs[label], dtype=float), share))
+    return out
+
+
 def window_error_terms(
     result: PrelabelResult,
     truth: Sequence[Segment],
@@ -123,13 +139,10 @@ def window_error_terms(
     [sum (1 - p)^2 over 'yes' windows, their count, sum p^2 over 'no' windows, their count], windows labelled
     as rounds train them (events of the label cover >= ``yes_overlap`` of it: yes; <= ``no_overlap``: no; in
     between: left out). Labels outside ``checked`` (when given) or without probabilities count nothing."""
-    spans = [tuple(w) for w in result.windows]
     out = np.zeros((len(labels), 4))
-    for k, label in enumerate(labels):
-        if label not in result.window_probs or (checked is not None and label not in checked):
+    for k, (p, share) in enumerate(_label_windows(result, truth, labels, checked)):
+        if p is None:
             continue
-        p = np.asarray(result.window_probs[label], dtype=float)
-        share = covered_shares([g for g in truth if g.label == label], spans)
         yes, no = share >= yes_overlap, share <= no_overlap
         out[k] = [((1 - p[yes]) ** 2).sum(), yes.sum(), (p[no] ** 2).sum(), no.sum()]
     return out
@@ -152,6 +165,15 @@ def window_error(terms: Mapping[str, np.ndarray]) -> float:
     (Weighting a label's yes and no windows equally instead made its rare side, a handful of windows, as noisy
     as mAP: bench/README.md.)"""
     return float(_window_error(sum(terms.values()))) if terms else float("nan")
+
+
+def _central(draws: np.ndarray, tail: float) -> tuple[float, float]:
+    """The central interval of resampled values, NaNs left out; (-1, 1) where every draw is NaN (e.g. a label
+    without windows in any draw)."""
+    if np.isnan(draws).all():
+        return (-1.0, 1.0)
+    low, high = np.nanquantile(draws, [tail, 1 - tail])
+    return (float(low), float(high))
 
 
 def bootstrap_window_gain(
@@ -186,10 +208,7 @@ def bootstrap_window_gain(
     tail = (1 - confidence) / 2
 
     def interval(d: np.ndarray) -> tuple[float, float]:
-        if np.isnan(d).all():  # the label has no windows in any draw
-            return (-1.0, 1.0)
-        low, high = np.nanquantile(d, [tail, 1 - tail])
-        return (float(low), float(high))
+        return _central(d, tail)
 
     per_label = {
         label: interval(_window_error(serv_r[:, k : k + 1]) - _window_error(cand_r[:, k : k + 1]))
@@ -209,16 +228,10 @@ def window_ranking_parts(
     """One video's part of :func:`bootstrap_auc_gain`: per label (in ``labels`` order) the P(yes) of its 'yes'
     windows and of its 'no' windows, labelled as :func:`window_error_terms` labels them (empty for a label
     outside ``checked`` or without probabilities)."""
-    spans = [tuple(w) for w in result.windows]
-    out = []
-    for label in labels:
-        if label not in result.window_probs or (checked is not None and label not in checked):
-            out.append((np.zeros(0), np.zeros(0)))
-            continue
-        p = np.asarray(result.window_probs[label], dtype=float)
-        share = covered_shares([g for g in truth if g.label == label], spans)
-        out.append((p[share >= yes_overlap], p[share <= no_overlap]))
-    return out
+    return [
+        (np.zeros(0), np.zeros(0)) if p is None else (p[share >= yes_overlap], p[share <= no_overlap])
+        for p, share in _label_windows(result, truth, labels, checked)
+    ]
 
 
 def _pair_counts(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -280,10 +293,7 @@ def bootstrap_auc_gain(
     tail = (1 - confidence) / 2
 
     def interval(d: np.ndarray) -> tuple[float, float]:
-        if len(videos) < 2 or np.isnan(d).all():
-            return (-1.0, 1.0)
-        low, high = np.nanquantile(d, [tail, 1 - tail])
-        return (float(low), float(high))
+        return (-1.0, 1.0) if len(videos) < 2 else _central(d, tail)
 
     per_label = {label: interval(by_label[1:, k]) for k, label in enumerate(labels)}
     return float(mean[0]), interval(mean[1:]), per_label
