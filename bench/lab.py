@@ -68,8 +68,12 @@ class Lab:
         key = (json.dumps({k: spec.get(k) for k in ("vision", "grid", "pool")}, sort_keys=True), video.video)
         if key not in self._feats:
             p = self.p
-            name = hashlib.sha1(
-                repr((key, p.window_s, p.stride_s, p.frames_per_window, p.global_frames)).encode()
+            name = (
+                hashlib.sha1(  # the preprocessing's source too: features made before a change to it are stale
+                    repr(
+                        (key, p.window_s, p.stride_s, p.frames_per_window, p.global_frames, _preprocessing())
+                    ).encode()
+                )
             )
             cached = self.work / "features" / (name.hexdigest()[:16] + ".pt")
             if cached.exists():  # encoder features on disk: a later run skips decoding and encoding
@@ -126,11 +130,13 @@ class Lab:
         by_id = {v.video_id: v for v in snapshot.videos}
         ids = list(by_id)
         train_ids, val_ids = split_ids(ids, group=lambda i: video_key(by_id[i].video))
-        s = RoundSettings(prelabel=self.p)
-        index = {i: k for k, i in enumerate(train_ids)}
-        examples = [Example(index[v], w, q, a) for v, w, q, a in window_examples(snapshot, train_ids, s)]
-        feats = [self.features(base, by_id[i])[1] for i in train_ids]
         settings = TrainSettings(seed=seed, **(train_changes or {}))
+        s = RoundSettings(prelabel=self.p, train=settings)
+        index = {i: k for k, i in enumerate(train_ids)}
+        examples = [
+            Example(index[v], w, q, a, t) for v, w, q, a, t in window_examples(snapshot, train_ids, s)
+        ]
+        feats = [self.features(base, by_id[i])[1] for i in train_ids]
         torch.manual_seed(seed)
         model = load_model(base, dtype="auto", trainable=True)
         t = time.perf_counter()
@@ -189,6 +195,15 @@ class Lab:
             self.names,
         )
         return Measured(rep.map_at(0.5), rep.per_label(0.5), auc, train_s, thresholds)
+
+
+def _preprocessing() -> str:
+    """A digest of the code that turns decoded frames into the encoder's input."""
+    import inspect
+
+    from workers.stllm import video
+
+    return hashlib.sha1(inspect.getsource(video.preprocess_frames).encode()).hexdigest()[:12]
 
 
 def mean_sd(values: list[float]) -> str:

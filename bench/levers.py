@@ -21,10 +21,14 @@ TrainSettings, builtin spec or STLLMConfig change against the product's defaults
     lr2e-3         the earlier learning rate (twice the default 1e-3)
     lr5e-4         half the default
     lora_dropout   dropout 0.05 on the adapters' input (the earlier setting; the default is none)
+    hard_targets   only windows clearly yes or no train (the earlier recipe; the default trains a partly
+                   covered window toward its covered share)
 
 ``--round 2`` trains as the product does: round 1 on batch 1, then round 2 on batches 1 and 2 from round 1's
 model (``train_from="serving"``), both at the variant's settings; the table shows both rounds. ``--fresh``
-trains round 2 from the base model instead (``train_from="base"``).
+trains round 2 from the base model instead (``train_from="base"``). ``--round 2 --continue-only`` trains
+round 1 at the defaults (once per seed, shared by the variants) and only round 2 at the variant's settings: the
+levers of continuing a served version (TrainSettings variants only).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "lr2e-3": ({"lr": 2e-3}, {}, {}),
     "lr5e-4": ({"lr": 5e-4}, {}, {}),
     "lora_dropout": ({}, {}, {"lora_dropout": 0.05}),
+    "hard_targets": ({"soft_targets": False}, {}, {}),
 }
 
 
@@ -104,6 +109,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
     ap.add_argument("--fresh", action="store_true", help="round 2 from the base model, not from round 1")
+    ap.add_argument(
+        "--continue-only",
+        action="store_true",
+        help="round 2: round 1 at the defaults, only round 2 at the variant's TrainSettings",
+    )
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stllm-levers")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -118,17 +128,28 @@ def main() -> None:
     print(
         f"{args.set}, round {args.round}: {len(snap.videos)} corrected videos, windows {windows}", flush=True
     )
+    if args.continue_only and (args.round != 2 or args.fresh):
+        ap.error("--continue-only is for --round 2 without --fresh")
     results: dict[str, list] = {}
+    shared_r1: dict[int, Path] = {}  # seed -> round 1 at the defaults (--continue-only)
     for variant in args.variants:
         train_changes, spec_changes, config_changes = VARIANTS[variant]
+        if args.continue_only and (spec_changes or config_changes):
+            ap.error(f"--continue-only varies round 2's TrainSettings only; {variant} changes the model")
         base = lab.base(spec_changes, config_changes)
         for seed in args.seeds:
             start = base
-            if args.round == 2 and not args.fresh:  # round 1 first, as the product's round 2 starts from it
-                model, thresholds, train_s, start = lab.train(sets["batch1"], base, train_changes, seed, True)
+            if args.continue_only and seed in shared_r1:
+                start = shared_r1[seed]
+            elif args.round == 2 and not args.fresh:  # round 1 first, as the product's round 2 starts from it
+                r1_changes = {} if args.continue_only else train_changes
+                model, thresholds, train_s, start = lab.train(sets["batch1"], base, r1_changes, seed, True)
                 m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
-                results.setdefault(f"{variant} r1", []).append(m)
-                _show(f"{variant} r1", seed, m, lab.names)
+                r1_name = "default r1" if args.continue_only else f"{variant} r1"
+                results.setdefault(r1_name, []).append(m)
+                _show(r1_name, seed, m, lab.names)
+                if args.continue_only:
+                    shared_r1[seed] = start
             model, thresholds, train_s = lab.train(snap, start, train_changes, seed)
             m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
             results.setdefault(variant, []).append(m)

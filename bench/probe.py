@@ -69,7 +69,7 @@ def main() -> None:
 
     from workers.rounds.corrections import choose_windows
     from workers.rounds.run import window_examples
-    from workers.schemas import RoundSettings
+    from workers.schemas import RoundSettings, TrainSettings
 
     labels, sets = event_data(args.set, args.work)
     snap, heldout = sets["batch1"], sets["heldout"]
@@ -78,14 +78,14 @@ def main() -> None:
         windows = {"window_s": args.window, "stride_s": args.window / 2}
     lab = Lab(args.work, labels, windows)
     base = lab.base()
-    s = RoundSettings(prelabel=lab.p)
+    s = RoundSettings(prelabel=lab.p, train=TrainSettings(soft_targets=False))  # clear windows only
 
     def table(snapshot):
         by_id = {v.video_id: v for v in snapshot.videos}
         ids = list(by_id)
         vecs = {i: window_vectors(lab.features(base, by_id[i])[1]) for i in ids}
         rows: dict[str, tuple[list, list]] = {}
-        for vid, w, q, a in window_examples(snapshot, ids, s):
+        for vid, w, q, a, _ in window_examples(snapshot, ids, s):
             xs, ys = rows.setdefault(q, ([], []))
             xs.append(vecs[vid][w])
             ys.append(1.0 if a == "yes" else 0.0)

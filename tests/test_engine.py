@@ -202,6 +202,16 @@ def test_all_questions_in_one_sequence_give_each_questions_own_loss(tiny_model):
     masked = model.questions_loss(video, questions, targets, [yes, no], generator=g)
     assert masked["mvm"].item() > 0 and 0.1 <= masked["rho"].item() <= 0.7
     masked["loss"].backward()
+    # float targets: P(first choice); hard ones give the same loss, a soft one its cross-entropy
+    as_p = torch.where(targets >= 0, 1.0 - targets.float(), -1.0)
+    same = model.questions_loss(video, questions, as_p, [yes, no], masking=False)
+    assert same["ce"].item() == pytest.approx(out["ce"].item(), abs=1e-4)
+    soft = torch.full((3, 3), -1.0)
+    soft[0, 0] = 0.3
+    half = model.questions_loss(video, questions, soft, [yes, no], masking=False)
+    lp = F.log_softmax(logp[0, 0], -1)
+    want = -(0.3 * lp[0] + 0.7 * lp[1])
+    assert half["ce"].item() == pytest.approx(want.item(), abs=1e-4)
 
 
 def test_motion_input_gives_the_connector_each_tokens_change(tiny_spec):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from workers.events import covered_share
+from workers.events import covered_share, windows
 from workers.rounds.corrections import snapshot_from_ground_truth, split_ids, split_of
 from workers.rounds.registry import ModelStore, RegistryError, RoundRunning
 from workers.rounds.run import RoundSettings, init_store, run_round, window_examples
@@ -100,8 +100,8 @@ def test_window_targets_come_from_overlap_with_corrected_segments():
 
 def test_window_examples_label_each_window_yes_or_no(snapshot):
     ex = window_examples(snapshot, [snapshot.videos[0].video_id], quick_settings())
-    assert {a for *_, a in ex} <= {"yes", "no"}
-    assert {q for _, _, q, _ in ex} <= {label.question() for label in LABELS}
+    assert {a for _, _, _, a, _ in ex} <= {"yes", "no"}
+    assert {q for _, _, q, _, _ in ex} <= {label.question() for label in LABELS}
 
 
 def test_a_round_records_a_version_and_promotes_only_when_better(store, snapshot):
@@ -324,10 +324,33 @@ def test_question_batches_ask_every_window_every_question_with_its_own_answer():
         for (v, w), row in zip(keys, targets, strict=True):
             for q, t in zip(qs, row, strict=True):
                 want = answer.get((v, w, q))
-                assert t == {"yes": 0, "no": 1, None: -1}[want]
-        assert any(0 in row for row in targets) and any(1 in row for row in targets)
+                assert t == {"yes": 1.0, "no": 0.0, None: -1.0}[want]  # P(yes) to train toward
+        assert any(0.0 in row for row in targets) and any(1.0 in row for row in targets)
     capped = question_batches(examples, TrainOptions(steps=5, batch_size=4, questions_per_step=2, **opts))
     assert all(len(qs) == 2 for _, qs, _ in capped)
+    partial = [Example(e.video, e.window, e.question, e.answer, 0.3) for e in examples]
+    soft = question_batches(partial, TrainOptions(steps=5, batch_size=4, **opts))
+    assert {t for _, _, rows in soft for row in rows for t in row} <= {0.3, -1.0}
+    hard = question_batches(partial, TrainOptions(steps=5, batch_size=4, soft_targets=False, **opts))
+    assert {t for _, _, rows in hard for row in rows for t in row} <= {0.0, 1.0, -1.0}
+
+
+def test_partly_covered_windows_train_toward_their_covered_share(snapshot):
+    """Soft targets (the default): every window of a checked label trains, its target the share of it the
+    label's events cover, sampled as a yes from yes_overlap up; off, only clear windows train, as yes or no."""
+    video = snapshot.videos[0]
+    soft = window_examples(snapshot, [video.video_id], quick_settings())
+    hard = window_examples(snapshot, [video.video_id], quick_settings(soft_targets=False))
+    p = quick_settings().prelabel.resolved()
+    spans = windows(video.duration, p.window_s, p.stride_s)
+    question = {label.question(): label.name for label in LABELS}
+    for _, w, q, a, t in soft:
+        share = covered_share([x for x in video.segments if x.label == question[q]], *spans[w])
+        assert t == pytest.approx(share) and a == ("yes" if share >= 0.5 else "no")
+    assert len(soft) == len(spans) * len(LABELS) > len(hard)
+    assert any(0 < t < 1 for *_, t in soft)  # the fixture has partly covered windows
+    assert all(t is None for *_, t in hard)
+    assert {(v, w, q, a) for v, w, q, a, _ in hard} <= {(v, w, q, a) for v, w, q, a, _ in soft}
 
 
 def test_a_round_suggests_the_next_videos_to_correct_and_never_a_corrected_one(store, snapshot, tmp_path):

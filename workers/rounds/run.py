@@ -130,10 +130,15 @@ def init_store(store: ModelStore, base: str = "builtin") -> Path:
 
 def window_examples(
     snapshot: Snapshot, video_ids: list[str], settings: RoundSettings
-) -> list[tuple[str, int, str, str]]:
-    """(video_id, window, question, yes/no) for every window and label whose target is clear, on the
-    windows of ``settings.prelabel`` (concrete: see :meth:`PrelabelSettings.resolved`)."""
+) -> list[tuple[str, int, str, str, float | None]]:
+    """(video_id, window, question, yes/no, target) for every window and checked label, on the windows of
+    ``settings.prelabel`` (concrete: see :meth:`PrelabelSettings.resolved`). A window the label's events cover
+    for at least ``yes_overlap`` is a yes, one they cover for at most ``no_overlap`` a no. With
+    ``train.soft_targets`` (and ``all_questions``) every window trains, toward the share its events cover as
+    P(yes) (its target; yes/no by that share against ``yes_overlap`` is the side it is sampled from); without,
+    the windows in between are left out and target is None."""
     p = settings.prelabel.resolved()
+    soft = settings.train.soft_targets and settings.train.all_questions
     out = []
     by_id = {v.video_id: v for v in snapshot.videos}
     for vid in video_ids:
@@ -145,9 +150,9 @@ def window_examples(
                     continue
                 share = covered_share([x for x in segs if x.label == label.name], s, e)
                 if share >= settings.yes_overlap:
-                    out.append((vid, w, label.question(), "yes"))
-                elif share <= settings.no_overlap:
-                    out.append((vid, w, label.question(), "no"))
+                    out.append((vid, w, label.question(), "yes", share if soft else None))
+                elif share <= settings.no_overlap or soft:
+                    out.append((vid, w, label.question(), "no", share if soft else None))
     return out
 
 
@@ -415,7 +420,9 @@ def run_round(
             if not feats:
                 raise ValueError(f"no training video could be read: {list(skipped.values())[:3]}")
             train_ids = [i for i in train_ids if i in index]
-            examples = [Example(index[v], w, q, a) for v, w, q, a in window_examples(snapshot, train_ids, s)]
+            examples = [
+                Example(index[v], w, q, a, t) for v, w, q, a, t in window_examples(snapshot, train_ids, s)
+            ]
             timings["collect_s"] = round(time.perf_counter() - t, 2)
 
             t = time.perf_counter()

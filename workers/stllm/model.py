@@ -346,8 +346,10 @@ class STLLM(nn.Module):
         come once; each question follows side by side under a block mask, and its answer is read off its last
         position as the cross-entropy over ``choices`` (token ids, e.g. of "yes" and "no").
 
-        video: (B, L, D) from :meth:`video_tokens`; targets: (B, Q) long, the index into ``choices`` of each
-        window's answer to each question, -1 where it has none (left out of the loss). Masking and MVM as in
+        video: (B, L, D) from :meth:`video_tokens`; targets: (B, Q), each window's answer to each question,
+        -1 where it has none (left out of the loss): long, the index into ``choices``; or float, the
+        probability of ``choices[0]`` to train toward (two choices: e.g. P(yes) = the share of the window
+        the events cover), the cross-entropy against that soft target. Masking and MVM as in
         :meth:`training_loss`; the teacher pass runs the header and the full video only. One step supervises
         B x Q answers for about the cost of B one-question sequences with twice the text."""
         device = self.device
@@ -386,7 +388,13 @@ class STLLM(nn.Module):
             where = targets >= 0
             options = torch.tensor(choices, device=device)
             logits = self.backbone.lm_head(hidden[:, last][where])[:, options]
-            ce = F.cross_entropy(logits.float(), targets[where])
+            if targets.is_floating_point():  # P(choices[0]); the other choice gets the rest
+                if len(choices) != 2:
+                    raise ValueError(f"soft targets need two choices, got {len(choices)}")
+                t = targets[where].float()
+                ce = F.cross_entropy(logits.float(), torch.stack([t, 1 - t], 1))
+            else:
+                ce = F.cross_entropy(logits.float(), targets[where])
             mvm_term = torch.zeros((), device=device)
             if masking and mvm and self.config.mvm_weight > 0:
                 with torch.no_grad():

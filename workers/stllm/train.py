@@ -38,6 +38,7 @@ class TrainOptions:
     # side by side as scoring runs them; needs ``answer_choices``
     all_questions: bool = True
     questions_per_step: int = 8
+    soft_targets: bool = True  # an example's ``target`` (where set) is what its P(yes) trains toward
 
 
 @dataclass
@@ -45,7 +46,10 @@ class Example:
     video: int  # index into the list of WindowFeatures
     window: int
     question: str
-    answer: str  # "yes" or "no"
+    answer: str  # "yes" or "no": the side balanced sampling draws it from
+    # the P(yes) it trains toward with TrainOptions.soft_targets (e.g. the share of the window its events
+    # cover); None: 1 for yes, 0 for no
+    target: float | None = None
 
 
 def _encode_text(model: STLLM, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,19 +123,22 @@ def balanced_batches(examples: list[Example], settings: TrainOptions) -> list[li
 
 def question_batches(
     examples: list[Example], settings: TrainOptions
-) -> list[tuple[list[tuple[int, int]], list[str], list[list[int]]]]:
+) -> list[tuple[list[tuple[int, int]], list[str], list[list[float]]]]:
     """``steps`` batches of (windows, questions, targets) for :meth:`STLLM.questions_loss`: windows are drawn
     as :func:`balanced_batches` draws examples (a question uniformly, yes or no with equal chance, a window of
     that kind), and each window answers every question of its batch: the ones drawn, then others at random up
-    to ``questions_per_step``. targets[i][j]: 0 for yes, 1 for no, -1 where window i has no clear answer to
-    question j. So a window that is a yes to one question is a no to the others it shows nothing of: what
-    tells the labels apart is in every step."""
+    to ``questions_per_step``. targets[i][j]: the P(yes) window i trains toward on question j (1 for yes, 0
+    for no, the example's ``target`` with ``soft_targets``), -1 where it has no answer to it. So a window that
+    is a yes to one question is a no to the others it shows nothing of: what tells the labels apart is in
+    every step."""
     rng = random.Random(settings.seed)
-    answers: dict[tuple[int, int], dict[str, str]] = {}
+    answers: dict[tuple[int, int], dict[str, float]] = {}
     by_question: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for ex in examples:
         key = (ex.video, ex.window)
-        answers.setdefault(key, {})[ex.question] = ex.answer
+        hard = 1.0 if ex.answer == "yes" else 0.0
+        soft = ex.target if settings.soft_targets and ex.target is not None else hard
+        answers.setdefault(key, {})[ex.question] = min(1.0, max(0.0, float(soft)))
         by_question.setdefault(ex.question, {"yes": [], "no": []})[ex.answer].append(key)
     questions = sorted(by_question)
     if not questions:
@@ -149,7 +156,7 @@ def question_batches(
         rest = [q for q in questions if q not in chosen]
         rng.shuffle(rest)
         chosen += rest[: max(0, settings.questions_per_step - len(chosen))]
-        targets = [[{"yes": 0, "no": 1}.get(answers[k].get(q, ""), -1) for q in chosen] for k in keys]
+        targets = [[answers[k].get(q, -1.0) for q in chosen] for k in keys]
         out.append((keys, chosen, targets))
     return out
 
@@ -244,7 +251,7 @@ def _train(
             out = model.questions_loss(
                 _tokens(model, videos, keys),
                 questions,
-                torch.tensor(targets, dtype=torch.long),
+                torch.tensor(targets, dtype=torch.float32),
                 yes_no,
                 masking=settings.masking,
                 mvm=settings.mvm,
