@@ -31,8 +31,10 @@ def main() -> None:
     from workers.rounds.gate import (
         bootstrap_auc_gain,
         bootstrap_gain,
+        bootstrap_overlap_gain,
         bootstrap_window_gain,
         decide,
+        timeline_overlap_terms,
         window_error,
         window_error_terms,
         window_ranking_parts,
@@ -60,13 +62,14 @@ def main() -> None:
     labels = [x.name for x in snap.labels]
     sets = {"validation": list(truth), "held-out": list(heldout)}
     truth |= heldout
-    segs, terms, ranks = {}, {}, {}
+    segs, terms, ranks, spans = {}, {}, {}, {}
     for name in ("round-1", "round-2"):
         model = load_model(store.version_dir(name), dtype="auto")
         results = prelabel_videos(model, list(truth), snap.labels, PrelabelSettings())
         segs[name] = {r.video: [Segment.model_validate(s) for s in r.segments] for r in results}
         terms[name] = {r.video: window_error_terms(r, truth[r.video], labels) for r in results}
         ranks[name] = {r.video: window_ranking_parts(r, truth[r.video], labels) for r in results}
+        spans[name] = {v: timeline_overlap_terms(segs[name][v], truth[v], labels) for v in segs[name]}
         print(f"pre-labeled {len(results)} videos with {name}", file=sys.stderr, flush=True)
 
     def auc(
@@ -82,6 +85,19 @@ def main() -> None:
             labels,
         )
 
+    def overlap(
+        videos: list[str], resamples: int = settings.resamples
+    ) -> tuple[float, tuple[float, float], dict]:
+        """round-2 minus round-1 timeline IoU, its interval and per-label intervals on these videos."""
+        return bootstrap_overlap_gain(
+            {v: spans["round-2"][v] for v in videos},
+            {v: spans["round-1"][v] for v in videos},
+            resamples,
+            settings.confidence,
+            settings.train.seed,
+            labels,
+        )
+
     def stats(videos: list[str]) -> np.ndarray:
         """round-2 minus round-1: mAP@0.5, mAP, the fall in window error and the rise in window ROC-AUC (all:
         positive = round-2 better)."""
@@ -89,14 +105,21 @@ def main() -> None:
         r1 = evaluate({v: segs["round-1"][v] for v in videos}, gt)
         r2 = evaluate({v: segs["round-2"][v] for v in videos}, gt)
         err = {n: window_error({v: terms[n][v] for v in videos}) for n in terms}
-        rise = auc(videos, 10)[0]  # the point estimate; few resamples
+        rise = auc(videos, 10)[0]  # the point estimates; few resamples
+        iou = overlap(videos, 10)[0]
         return np.array(
-            [r2.map_at(0.5) - r1.map_at(0.5), r2.mean_ap - r1.mean_ap, err["round-1"] - err["round-2"], rise]
+            [
+                r2.map_at(0.5) - r1.map_at(0.5),
+                r2.mean_ap - r1.mean_ap,
+                err["round-1"] - err["round-2"],
+                rise,
+                iou,
+            ]
         )
 
     print(
         f"\n{'videos':<12}{'n':>3}   round-2 minus round-1: mAP@0.5    mAP   window error fall [90% interval]"
-        "   window AUC rise [90% interval]"
+        "   window AUC rise [90% interval]   timeline IoU rise [90% interval]"
     )
     for name, videos in [*sets.items(), ("all", list(truth))]:
         d = stats(videos)
@@ -109,18 +132,19 @@ def main() -> None:
             labels,
         )
         rise, (alo, ahi), auc_labels = auc(videos)
+        iou, (ilo, ihi), iou_labels = overlap(videos)
         print(
             f"{name:<12}{len(videos):>3}   {d[0]:>+30.3f} {d[1]:>+6.3f}   {gain:>+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            f"   {rise:>+.4f} [{alo:+.4f}, {ahi:+.4f}]"
+            f"   {rise:>+.4f} [{alo:+.4f}, {ahi:+.4f}]   {iou:>+.4f} [{ilo:+.4f}, {ihi:+.4f}]"
         )
         gt = {v: truth[v] for v in videos}
         ap = {n: evaluate({v: segs[n][v] for v in videos}, gt, labels=labels).to_dict() for n in segs}
         for label in labels:
             a1, a2 = ap["round-1"]["per_label_AP@0.5"][label], ap["round-2"]["per_label_AP@0.5"][label]
-            w, r = per_label[label], auc_labels[label]
+            w, r, o = per_label[label], auc_labels[label], iou_labels[label]
             print(
                 f"{'':<16}{label:<14} AP@0.5 {a1:.2f} -> {a2:.2f}   its window error fall [{w[0]:+.4f}, "
-                f"{w[1]:+.4f}], AUC rise [{r[0]:+.4f}, {r[1]:+.4f}]"
+                f"{w[1]:+.4f}], AUC rise [{r[0]:+.4f}, {r[1]:+.4f}], IoU rise [{o[0]:+.4f}, {o[1]:+.4f}]"
             )
         if name == "validation":
             map_gain, map_interval = bootstrap_gain(
@@ -133,6 +157,7 @@ def main() -> None:
                 settings.train.seed,
             )
             for on, intervals, g, i in (
+                ("timeline", iou_labels, iou, (ilo, ihi)),
                 ("ranking", auc_labels, rise, (alo, ahi)),
                 ("windows", per_label, gain, (lo, hi)),
             ):
@@ -161,8 +186,8 @@ def main() -> None:
     print(
         f"\n{args.draws} random draws of {len(val)} of the {len(everything)} videos: opposite sign to all videos' "
         f"difference in {wrong[0]:.0%} (mAP@0.5), {wrong[1]:.0%} (mAP), {wrong[2]:.0%} (window error), "
-        f"{wrong[3]:.0%} (window AUC); sd {draws[:, 0].std():.3f} / {draws[:, 1].std():.3f} / "
-        f"{draws[:, 2].std():.4f} / {draws[:, 3].std():.4f}"
+        f"{wrong[3]:.0%} (window AUC), {wrong[4]:.0%} (timeline IoU); sd {draws[:, 0].std():.3f} / "
+        f"{draws[:, 1].std():.3f} / {draws[:, 2].std():.4f} / {draws[:, 3].std():.4f} / {draws[:, 4].std():.4f}"
     )
     print(f"command: .venv/bin/python bench/gate_noise.py --workdir {args.workdir} --draws {args.draws}")
 

@@ -9,8 +9,11 @@ from workers.rounds.evaluation import evaluate
 from workers.rounds.gate import (
     bootstrap_auc_gain,
     bootstrap_gain,
+    bootstrap_overlap_gain,
     bootstrap_window_gain,
     decide,
+    timeline_iou,
+    timeline_overlap_terms,
     window_error,
     window_error_terms,
     window_ranking_parts,
@@ -210,6 +213,24 @@ def test_the_ranking_gate_sees_better_order_and_ignores_a_calibration_shift():
     assert abs(window_error(terms["served"]) - window_error(terms["cubed"])) > 0.05  # the Brier score moves
     one = {"v0": better["v0"]}
     assert bootstrap_auc_gain(one, {"v0": served["v0"]}, labels=["jam"])[1] == (-1.0, 1.0)  # one video
+
+
+def test_timeline_overlap_scores_the_served_segments_seconds():
+    truth = [seg("jam", 2, 6), seg("jam", 10, 12), seg("hand", 0, 1)]
+    pred = [seg("jam", 3, 7), seg("jam", 4, 5), seg("hand", 20, 21)]  # overlapping predictions count once
+    terms = timeline_overlap_terms(pred, truth, ["jam", "hand", "defect"])
+    assert terms.ravel().tolist() == pytest.approx([3.0, 7.0, 0.0, 2.0, 0.0, 0.0])
+    assert timeline_iou({"a": terms}) == pytest.approx((3 / 7 + 0) / 2)  # defect: covered by none, left out
+    assert timeline_overlap_terms(pred, truth, ["jam"], checked=["hand"]).tolist() == [[0.0, 0.0]]
+    videos = {f"v{k}": truth for k in range(6)}
+    good = {v: timeline_overlap_terms(t, t, ["jam", "hand"]) for v, t in videos.items()}
+    poor = {v: timeline_overlap_terms(pred, t, ["jam", "hand"]) for v, t in videos.items()}
+    gain, (lo, hi), per_label = bootstrap_overlap_gain(good, poor, 200, 0.9, 0, ["jam", "hand"])
+    assert gain == pytest.approx(1 - (3 / 7 + 0) / 2) and lo > 0
+    assert per_label["hand"] == pytest.approx((1.0, 1.0))
+    same = bootstrap_overlap_gain(poor, poor, 200, 0.9, 0, ["jam", "hand"])
+    assert same[0] == 0 and same[1] == (0.0, 0.0)
+    assert bootstrap_overlap_gain({"v0": good["v0"]}, {"v0": poor["v0"]}, 50)[1] == (-1.0, 1.0)
 
 
 def test_windows_are_the_longest_whose_ceiling_stays_near_the_best():

@@ -299,6 +299,112 @@ def bootstrap_auc_gain(
     return float(mean[0]), interval(mean[1:]), per_label
 
 
+def _merged(segments: Sequence[Segment]) -> list[tuple[float, float]]:
+    """The union of ``segments`` as sorted, disjoint [start, end) spans."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted((x.start_s, x.end_s) for x in segments if x.end_s > x.start_s):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _both(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """Seconds covered by both unions of spans (each sorted and disjoint)."""
+    total, i, j = 0.0, 0, 0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def timeline_overlap_terms(
+    predicted: Sequence[Segment],
+    truth: Sequence[Segment],
+    labels: Sequence[str],
+    checked: Sequence[str] | None = None,
+) -> np.ndarray:
+    """One video's part of :func:`bootstrap_overlap_gain`: per label (rows in ``labels`` order) [seconds the
+    predicted and the true segments both cover, seconds either covers]. Labels outside ``checked`` (when given)
+    count nothing."""
+    out = np.zeros((len(labels), 2))
+    for k, label in enumerate(labels):
+        if checked is not None and label not in checked:
+            continue
+        pred = _merged([x for x in predicted if x.label == label])
+        true = _merged([x for x in truth if x.label == label])
+        both = _both(pred, true)
+        out[k] = [both, sum(b - a for a, b in pred) + sum(b - a for a, b in true) - both]
+    return out
+
+
+def _timeline_iou(terms: np.ndarray) -> np.ndarray:
+    """Per label of summed terms (..., labels, 2) -> (..., labels): seconds both cover over seconds either
+    covers; 1 where neither covers any (nothing there, nothing claimed)."""
+    return np.divide(terms[..., 0], terms[..., 1], out=np.ones(terms.shape[:-1]), where=terms[..., 1] > 0)
+
+
+def bootstrap_overlap_gain(
+    candidate: Mapping[str, np.ndarray],
+    served: Mapping[str, np.ndarray],
+    resamples: int = 500,
+    confidence: float = 0.9,
+    seed: int = 0,
+    labels: Sequence[str] = (),
+) -> tuple[float, tuple[float, float], dict[str, tuple[float, float]]]:
+    """(gain, (low, high), per label): the candidate's timeline IoU minus the served version's on the videos both
+    hold (:func:`timeline_overlap_terms` of each version's served segments), and the central ``confidence``
+    interval of that gain over ``resamples`` resamplings of the videos with replacement (the same draws for
+    both; seeded). A version's timeline IoU is, per label, the seconds its segments and the true ones both
+    cover over the seconds either covers, pooled over the videos, then the mean over the labels either version
+    or the truth covers anywhere in the draw. Per label: the interval of that label's own IoU change.
+
+    It scores what an annotator is shown, the segments at the served thresholds, so a shift in calibration the
+    thresholds absorb is no loss, while windows scored well but merged into wrong segments are; and every second
+    of every validation video is a paired observation of the two versions, where mAP@0.5 turns on whether a
+    handful of segments cross a tIoU of 0.5."""
+    videos = sorted(set(candidate) & set(served))
+    if not videos:
+        return float("nan"), (-1.0, 1.0), {}
+    cand = np.stack([candidate[v] for v in videos])  # (V, labels, 2)
+    serv = np.stack([served[v] for v in videos])
+    rng = np.random.default_rng(seed)
+    counts = np.ones((1 + resamples, len(videos)))  # row 0: every video once (the point estimate)
+    if len(videos) >= 2:
+        counts[1:] = [
+            np.bincount(rng.integers(0, len(videos), len(videos)), minlength=len(videos))
+            for _ in range(resamples)
+        ]
+    cand_r, serv_r = np.einsum("rv,vlk->rlk", counts, cand), np.einsum("rv,vlk->rlk", counts, serv)
+    by_label = _timeline_iou(cand_r) - _timeline_iou(serv_r)  # (1 + R, labels)
+    present = (cand_r[..., 1] > 0) | (serv_r[..., 1] > 0)
+    by_label = np.where(present, by_label, np.nan)
+    has = present.sum(1)
+    mean = np.where(has > 0, np.nansum(by_label, 1) / np.maximum(has, 1), np.nan)
+    tail = (1 - confidence) / 2
+
+    def interval(d: np.ndarray) -> tuple[float, float]:
+        return (-1.0, 1.0) if len(videos) < 2 else _central(d, tail)
+
+    per_label = {label: interval(by_label[1:, k]) for k, label in enumerate(labels)}
+    return float(mean[0]), interval(mean[1:]), per_label
+
+
+def timeline_iou(terms: Mapping[str, np.ndarray]) -> float:
+    """A version's timeline IoU on videos (video -> :func:`timeline_overlap_terms`): per label, pooled over the
+    videos, the seconds its segments and the true ones both cover over the seconds either covers; then the mean
+    over the labels either covers anywhere (NaN without any). 1 is perfect."""
+    if not terms:
+        return float("nan")
+    total = sum(terms.values())
+    present = total[:, 1] > 0
+    return float(_timeline_iou(total)[present].mean()) if present.any() else float("nan")
+
+
 def decide(
     candidate_name: str,
     served_name: str,
@@ -337,7 +443,9 @@ def decide(
     promote = (clear and not lost and learned) or force
     why = f"{candidate_name} vs {served_name}: "
     if on_windows:
-        what = "window ROC-AUC rises" if statistic == "ranking" else "window error falls"
+        what = {"ranking": "window ROC-AUC rises", "timeline": "timeline IoU rises"}.get(
+            statistic, "window error falls"
+        )
         why += (
             f"{what} by {window_gain or 0.0:+.4f}, interval [{window_interval[0]:+.4f}, "
             f"{window_interval[1]:+.4f}]; "
