@@ -346,10 +346,10 @@ class TrainSettings(BaseModel):
     # each drawn window answers all its batch's questions in one sequence, as scoring lays them out
     all_questions: bool = True
     questions_per_step: int = Field(8, ge=1, le=64)
-    # a window its label's events cover in part trains toward that share as P(yes) (with all_questions);
-    # off: only windows clearly yes (>= RoundSettings.yes_overlap) or no (<= no_overlap) train, and the
-    # partial ones in between drift. Demo round 2 hard: P(empty_line) 0.40 / 0.73 on windows covered
-    # 0-25% / 25-50%, its threshold went to 0.9 and its AP@0.5 fell 0.80 -> 0.53 (bench/README.md)
+    # a window its label's events cover in part (between RoundSettings.no_overlap and yes_overlap) trains as
+    # a no toward that share as P(yes) (with all_questions); off: only windows clearly yes or no train, and
+    # the partial ones drift. Demo round 2 without: P(empty_line) 0.40 / 0.73 on windows covered 0-25% /
+    # 25-50%, its threshold went to 0.9 and its AP@0.5 fell 0.80 -> 0.53 (bench/README.md)
     soft_targets: bool = True
 
 

@@ -131,12 +131,13 @@ def init_store(store: ModelStore, base: str = "builtin") -> Path:
 def window_examples(
     snapshot: Snapshot, video_ids: list[str], settings: RoundSettings
 ) -> list[tuple[str, int, str, str, float | None]]:
-    """(video_id, window, question, yes/no, target) for every window and checked label, on the windows of
-    ``settings.prelabel`` (concrete: see :meth:`PrelabelSettings.resolved`). A window the label's events cover
-    for at least ``yes_overlap`` is a yes, one they cover for at most ``no_overlap`` a no. With
-    ``train.soft_targets`` (and ``all_questions``) every window trains, toward the share its events cover as
-    P(yes) (its target; yes/no by that share against ``yes_overlap`` is the side it is sampled from); without,
-    the windows in between are left out and target is None."""
+    """(video_id, window, question, yes/no, target) for the windows of ``settings.prelabel`` (concrete: see
+    :meth:`PrelabelSettings.resolved`) and each label they were checked for. A window the label's events cover
+    for at least ``yes_overlap`` is a yes (target None: 1), one they cover for at most ``no_overlap`` a no
+    (None: 0). With ``train.soft_targets`` (and ``all_questions``) a window in between is a no whose target is
+    the share they cover: it trains toward that P(yes), which keeps an event's edges below the yes windows
+    instead of leaving them to drift; without, it is left out. (Every window toward its share, the yes ones
+    too, drowned the short events of the second event set: a 1.1 s event's best window is a 0.55.)"""
     p = settings.prelabel.resolved()
     soft = settings.train.soft_targets and settings.train.all_questions
     out = []
@@ -150,9 +151,11 @@ def window_examples(
                     continue
                 share = covered_share([x for x in segs if x.label == label.name], s, e)
                 if share >= settings.yes_overlap:
-                    out.append((vid, w, label.question(), "yes", share if soft else None))
-                elif share <= settings.no_overlap or soft:
-                    out.append((vid, w, label.question(), "no", share if soft else None))
+                    out.append((vid, w, label.question(), "yes", None))
+                elif share <= settings.no_overlap:
+                    out.append((vid, w, label.question(), "no", None))
+                elif soft:
+                    out.append((vid, w, label.question(), "no", share))
     return out
 
 
