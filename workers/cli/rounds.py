@@ -196,10 +196,10 @@ def add_parsers(sub) -> None:
         "--gate-on",
         choices=("ranking", "windows", "map"),
         default=default(RoundSettings, "gate_on"),
-        help="what the gain is measured on: ranking (default), the rise in each label's window ROC-AUC (how "
-        "well P(yes) orders the validation windows: what per-label thresholds serve from), windows, the fall "
-        "in window error (the per-label Brier score, which also counts a calibration shift the thresholds "
-        "absorb), or map, mAP@0.5 (noisy on a small validation split); all three are reported",
+        help="what the gain is measured on: windows (default), the fall in window error (per label the Brier "
+        "score of every validation window's P(yes) against its target: the steadiest on a few videos), "
+        "ranking, the rise in each label's window ROC-AUC (how well P(yes) orders the validation windows; near "
+        "1 once a label is learnt), or map, mAP@0.5 (noisy on a small validation split); all three are reported",
     )
     r.add_argument("--force", action="store_true", help="promote the candidate whatever it measures")
     r.add_argument(

@@ -6,7 +6,8 @@
               serving version's when they are within 1.5x of it), recorded in the version: pre-labeling
               with it uses them by default
     split     train / validation by a hash of each video id (stable across rounds)
-    train     window-level yes/no examples from overlap with the corrected segments, windows drawn
+    train     window-level yes/no examples from overlap with the corrected segments (a window at an event's
+              edge trains toward the share it covers), windows drawn
               label-balanced, each answering every label's question in one sequence; the served
               version's LoRA + projector + global-local MLP + MVM head trained on (fresh ones on the base
               model with ``train_from="base"``), masking + MVM on by default, seeded, resumable; a run that
@@ -14,7 +15,7 @@
               at another seed and half the learning rate (``retries``)
     thresholds each label's P(yes) threshold, chosen on the validation and training videos
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
-              interval of the rise in window ROC-AUC (or of the fall in window error, ``gate_on="windows"``,
+              interval of the fall in window error (or of the rise in window ROC-AUC, ``gate_on="ranking"``,
               or of the mAP@0.5 gain, ``gate_on="map"``), and no label clearly lost; or forced
     serve     the registry records the version either way; workers pick up a promoted one on their next task
 
