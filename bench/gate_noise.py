@@ -72,31 +72,31 @@ def main() -> None:
         spans[name] = {v: timeline_overlap_terms(segs[name][v], truth[v], labels) for v in segs[name]}
         print(f"pre-labeled {len(results)} videos with {name}", file=sys.stderr, flush=True)
 
-    def auc(
-        videos: list[str], resamples: int = settings.resamples
+    def paired(
+        bootstrap, parts: dict, videos: list[str], resamples: int = settings.resamples
     ) -> tuple[float, tuple[float, float], dict]:
-        """round-2 minus round-1 window ROC-AUC, its interval and per-label intervals on these videos."""
-        return bootstrap_auc_gain(
-            {v: ranks["round-2"][v] for v in videos},
-            {v: ranks["round-1"][v] for v in videos},
+        """round-2 minus round-1 on these videos by ``bootstrap`` (a workers.rounds.gate bootstrap_*_gain) over
+        each version's per-video ``parts``: the gain, its interval and per-label intervals."""
+        return bootstrap(
+            {v: parts["round-2"][v] for v in videos},
+            {v: parts["round-1"][v] for v in videos},
             resamples,
             settings.confidence,
             settings.train.seed,
             labels,
         )
 
+    def auc(
+        videos: list[str], resamples: int = settings.resamples
+    ) -> tuple[float, tuple[float, float], dict]:
+        """The window ROC-AUC rise."""
+        return paired(bootstrap_auc_gain, ranks, videos, resamples)
+
     def overlap(
         videos: list[str], resamples: int = settings.resamples
     ) -> tuple[float, tuple[float, float], dict]:
-        """round-2 minus round-1 timeline IoU, its interval and per-label intervals on these videos."""
-        return bootstrap_overlap_gain(
-            {v: spans["round-2"][v] for v in videos},
-            {v: spans["round-1"][v] for v in videos},
-            resamples,
-            settings.confidence,
-            settings.train.seed,
-            labels,
-        )
+        """The timeline IoU rise."""
+        return paired(bootstrap_overlap_gain, spans, videos, resamples)
 
     def stats(videos: list[str]) -> np.ndarray:
         """round-2 minus round-1: mAP@0.5, mAP, the fall in window error and the rise in window ROC-AUC (all:

@@ -179,6 +179,16 @@ def _central(draws: np.ndarray, tail: float) -> tuple[float, float]:
     return (float(low), float(high))
 
 
+def _video_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(1 + resamples, n): row 0 every video once (the point estimate), then how often each resampling of the n
+    videos with replacement draws each one (seeded; all ones where n < 2, which cannot be resampled)."""
+    counts = np.ones((1 + resamples, n))
+    if n >= 2:
+        rng = np.random.default_rng(seed)
+        counts[1:] = [np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]
+    return counts
+
+
 def bootstrap_window_gain(
     candidate: Mapping[str, np.ndarray],
     served: Mapping[str, np.ndarray],
@@ -200,13 +210,7 @@ def bootstrap_window_gain(
     gain = float(_window_error(serv.sum(0)) - _window_error(cand.sum(0)))
     if len(videos) < 2:
         return gain, (-1.0, 1.0), {label: (-1.0, 1.0) for label in labels}
-    rng = np.random.default_rng(seed)
-    counts = np.stack(
-        [
-            np.bincount(rng.integers(0, len(videos), len(videos)), minlength=len(videos))
-            for _ in range(resamples)
-        ]
-    )
+    counts = _video_weights(len(videos), resamples, seed)[1:]
     serv_r, cand_r = np.einsum("rv,vlk->rlk", counts, serv), np.einsum("rv,vlk->rlk", counts, cand)
     tail = (1 - confidence) / 2
 
@@ -274,13 +278,7 @@ def bootstrap_auc_gain(
     videos = sorted(set(candidate) & set(served))
     if not videos:
         return float("nan"), (-1.0, 1.0), {}
-    rng = np.random.default_rng(seed)
-    counts = np.ones((1 + resamples, len(videos)))  # row 0: every video once (the point estimate)
-    if len(videos) >= 2:
-        counts[1:] = [
-            np.bincount(rng.integers(0, len(videos), len(videos)), minlength=len(videos))
-            for _ in range(resamples)
-        ]
+    counts = _video_weights(len(videos), resamples, seed)  # row 0: the point estimate
     gains = []
     for k in range(len(labels)):
         diff = np.zeros(len(counts))
@@ -375,13 +373,7 @@ def bootstrap_overlap_gain(
         return float("nan"), (-1.0, 1.0), {}
     cand = np.stack([candidate[v] for v in videos])  # (V, labels, 2)
     serv = np.stack([served[v] for v in videos])
-    rng = np.random.default_rng(seed)
-    counts = np.ones((1 + resamples, len(videos)))  # row 0: every video once (the point estimate)
-    if len(videos) >= 2:
-        counts[1:] = [
-            np.bincount(rng.integers(0, len(videos), len(videos)), minlength=len(videos))
-            for _ in range(resamples)
-        ]
+    counts = _video_weights(len(videos), resamples, seed)  # row 0: the point estimate
     cand_r, serv_r = np.einsum("rv,vlk->rlk", counts, cand), np.einsum("rv,vlk->rlk", counts, serv)
     by_label = _timeline_iou(cand_r) - _timeline_iou(serv_r)  # (1 + R, labels)
     present = (cand_r[..., 1] > 0) | (serv_r[..., 1] > 0)
