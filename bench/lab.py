@@ -172,29 +172,45 @@ class Lab:
         save_model(model, out, version="lab")
         model = load_model(out, dtype="auto")
         thresholds = {}
+        self.cuts = {}
         if val_ids:
             scored = self.probabilities(model, base, [by_id[i] for i in val_ids + train_ids])
             scored = {i: checked_only(r, by_id[i]) for i, r in scored.items()}
             gt = {i: list(by_id[i].segments) for i in scored}
             thresholds = tune_thresholds(scored, gt, self.names, self.p)
+            self.cuts = {  # other threshold rules on the same scores (bench/levers.py --cuts)
+                "tuned": thresholds,
+                "smooth1": tune_thresholds(scored, gt, self.names, self.p, smooth=1),
+                "smooth2": tune_thresholds(scored, gt, self.names, self.p, smooth=2),
+                "at0.5": dict.fromkeys(self.names, 0.5),
+            }
         return (model, thresholds, train_s, out) if with_path else (model, thresholds, train_s)
 
     def measure(self, model, base: Path, heldout, thresholds: dict, train_s: float = 0.0) -> Measured:
         """Held-out mAP@0.5, per-label AP@0.5 and window ROC-AUC of ``model`` cut at ``thresholds``."""
+        return self.measure_cuts(model, base, heldout, {"": thresholds}, train_s)[""]
+
+    def measure_cuts(
+        self, model, base: Path, heldout, cuts: dict[str, dict], train_s: float = 0.0
+    ) -> dict[str, Measured]:
+        """:meth:`measure` for each set of thresholds in ``cuts`` (name -> thresholds), scoring once."""
         from workers.jobs import result_segments
         from workers.rounds.evaluation import evaluate, window_auc
 
         res = self.probabilities(model, base, heldout.videos)
         gt = {v.video_id: list(v.segments) for v in heldout.videos}
-        q = self.p.model_copy(update={"thresholds": thresholds})
-        rep = evaluate({i: result_segments(r, self.names, q) for i, r in res.items()}, gt)
         auc = window_auc(
             {i: [tuple(w) for w in r.windows] for i, r in res.items()},
             {i: r.window_probs for i, r in res.items()},
             gt,
             self.names,
         )
-        return Measured(rep.map_at(0.5), rep.per_label(0.5), auc, train_s, thresholds)
+        out = {}
+        for name, thresholds in cuts.items():
+            q = self.p.model_copy(update={"thresholds": thresholds})
+            rep = evaluate({i: result_segments(r, self.names, q) for i, r in res.items()}, gt)
+            out[name] = Measured(rep.map_at(0.5), rep.per_label(0.5), auc, train_s, thresholds)
+        return out
 
 
 def _preprocessing() -> str:

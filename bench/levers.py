@@ -3,9 +3,11 @@ variant trains round 1 (or round 2) from cached encoder features and is measured
 so a lever costs a training run, not a demo.
 
     .venv/bin/python bench/levers.py [--set line|scenes] [--round 1] [--seeds 0 1 2] [--variants default ...]
+                                     [--cuts]
 
 Per variant and seed: held-out mAP@0.5 with the thresholds a round would choose on its validation videos,
-per-label AP@0.5 / window ROC-AUC, and the training time; then mean ± sd over the seeds. Variants (each a
+per-label AP@0.5 / window ROC-AUC, and the training time; then mean ± sd over the seeds. ``--cuts`` measures
+each model at other threshold rules too, on the same scores (``name @rule`` rows). Variants (each a
 TrainSettings, builtin spec or STLLMConfig change against the product's defaults):
 
     default        the product's defaults (masking + MVM, all questions per window)
@@ -95,7 +97,7 @@ def event_data(name: str, work: Path):
 
 def _show(variant: str, seed: int, m, names: list[str]) -> None:
     print(
-        f"{variant:<14} seed {seed}  mAP@0.5 {m.map50:.3f}  "
+        f"{variant:<16} seed {seed}  mAP@0.5 {m.map50:.3f}  "
         + "  ".join(f"{n[:6]} {m.per_label.get(n, 0):.2f}/{m.auc[n] or 0:.2f}" for n in names)
         + f"  train {m.train_s:.0f} s",
         flush=True,
@@ -113,6 +115,12 @@ def main() -> None:
         "--continue-only",
         action="store_true",
         help="round 2: round 1 at the defaults, only round 2 at the variant's TrainSettings",
+    )
+    ap.add_argument(
+        "--cuts",
+        action="store_true",
+        help="measure each model at every threshold rule too: tuned (a round's), smooth1 / smooth2 (the mean"
+        " AP of each threshold and its 1 / 2 neighbours either side), at0.5 (0.5 for every label)",
     )
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stllm-levers")
     args = ap.parse_args()
@@ -132,6 +140,14 @@ def main() -> None:
         ap.error("--continue-only is for --round 2 without --fresh")
     results: dict[str, list] = {}
     shared_r1: dict[int, Path] = {}  # seed -> round 1 at the defaults (--continue-only)
+
+    def record(name: str, seed: int, model, base: Path, thresholds: dict, train_s: float) -> None:
+        cuts = lab.cuts if args.cuts and lab.cuts else {"": thresholds}
+        for cut, m in lab.measure_cuts(model, base, sets["heldout"], cuts, train_s).items():
+            key = f"{name} @{cut}" if cut else name
+            results.setdefault(key, []).append(m)
+            _show(key, seed, m, lab.names)
+
     for variant in args.variants:
         train_changes, spec_changes, config_changes = VARIANTS[variant]
         if args.continue_only and (spec_changes or config_changes):
@@ -144,16 +160,12 @@ def main() -> None:
             elif args.round == 2 and not args.fresh:  # round 1 first, as the product's round 2 starts from it
                 r1_changes = {} if args.continue_only else train_changes
                 model, thresholds, train_s, start = lab.train(sets["batch1"], base, r1_changes, seed, True)
-                m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
                 r1_name = "default r1" if args.continue_only else f"{variant} r1"
-                results.setdefault(r1_name, []).append(m)
-                _show(r1_name, seed, m, lab.names)
+                record(r1_name, seed, model, base, thresholds, train_s)
                 if args.continue_only:
                     shared_r1[seed] = start
             model, thresholds, train_s = lab.train(snap, start, train_changes, seed)
-            m = lab.measure(model, base, sets["heldout"], thresholds, train_s)
-            results.setdefault(variant, []).append(m)
-            _show(variant, seed, m, lab.names)
+            record(variant, seed, model, base, thresholds, train_s)
     print("\nheld-out mAP@0.5, mean ± sd over seeds (per label: AP@0.5 mean / window ROC-AUC mean):")
     for variant, ms in results.items():
         per = "  ".join(
@@ -162,7 +174,7 @@ def main() -> None:
             for n in lab.names
         )
         print(
-            f"  {variant:<14} {mean_sd([m.map50 for m in ms])}  {per}  [{', '.join(f'{m.map50:.3f}' for m in ms)}]"
+            f"  {variant:<16} {mean_sd([m.map50 for m in ms])}  {per}  [{', '.join(f'{m.map50:.3f}' for m in ms)}]"
         )
     print(f"\ncommand: .venv/bin/python bench/levers.py {shlex.join(sys.argv[1:])}")
 

@@ -287,7 +287,7 @@ def test_a_rare_labels_threshold_is_tuned_to_where_its_windows_rank_well():
     it, and 'jam', clear at 0.9, keeps a threshold near the middle."""
     from workers.events import covered_share, windows
     from workers.rounds.evaluation import evaluate
-    from workers.rounds.run import tune_thresholds
+    from workers.rounds.run import THRESHOLDS, tune_thresholds
     from workers.schemas import PrelabelResult, VideoMeta
 
     spans = windows(30.0, 2.0, 1.0)
@@ -317,6 +317,12 @@ def test_a_rare_labels_threshold_is_tuned_to_where_its_windows_rank_well():
         return evaluate(preds, gt, thresholds=(0.5,), labels=[label]).map_at(0.5)
 
     assert ap(p, "hand") == 0.0 and ap(p.model_copy(update={"thresholds": tuned}), "hand") == 1.0
+    # smoothing over neighbours: none is the plain argmax; over every threshold, all score alike and 0.5 wins
+    assert tune_thresholds(results, gt, ["hand", "jam"], p, smooth=0) == tuned
+    assert tune_thresholds(results, gt, ["hand", "jam"], p, smooth=len(THRESHOLDS)) == {
+        "hand": 0.5,
+        "jam": 0.5,
+    }
 
 
 def test_threshold_tuning_scores_a_bounded_stable_set_of_training_videos():

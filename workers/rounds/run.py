@@ -301,25 +301,34 @@ THRESHOLDS = tuple(round(x, 2) for x in np.arange(0.1, 0.91, 0.05))
 
 
 def tune_thresholds(
-    results: dict[str, PrelabelResult], gt: dict[str, list[Segment]], labels: list[str], p: PrelabelSettings
+    results: dict[str, PrelabelResult],
+    gt: dict[str, list[Segment]],
+    labels: list[str],
+    p: PrelabelSettings,
+    smooth: int = 0,
 ) -> dict[str, float]:
     """Per label, the P(yes) threshold that gives the best AP (mean over tIoU 0.3-0.7, so edges count) on
     these videos (a round's: validation and training), each counted for the labels its ``window_probs`` hold,
     trying 0.10-0.90 on the window probabilities already scored; ties go to the
     threshold nearest 0.5. Balanced training leaves a rare label's probabilities lower than a common
-    one's: one threshold for all labels would miss the rare ones even where their windows rank well."""
+    one's: one threshold for all labels would miss the rare ones even where their windows rank well.
+    ``smooth`` = k scores each threshold by the mean AP of it and its k neighbours either side (a plateau
+    rather than a lone peak of a few videos)."""
     out = {}
     for label in labels:
         if not any(g.label == label for i, segs in gt.items() if i in results for g in segs):
             continue  # nothing to tune on: the default stays
-        best = (-1.0, 0.0, 0.5)
         having = {i: r for i, r in results.items() if label in r.window_probs}
+        aps = []
         for t in THRESHOLDS:
             trial = p.model_copy(update={"thresholds": {label: t}, "high": None, "low": None})
             preds = {i: result_segments(r, [label], trial) for i, r in having.items()}
-            ap = evaluate(preds, {i: gt[i] for i in having}, labels=[label]).mean_ap
-            best = max(best, (ap, -abs(t - 0.5), t))
-        out[label] = best[2]
+            aps.append(evaluate(preds, {i: gt[i] for i in having}, labels=[label]).mean_ap)
+        scored = [
+            (float(np.mean(aps[max(0, k - smooth) : k + smooth + 1])), -abs(t - 0.5), t)
+            for k, t in enumerate(THRESHOLDS)
+        ]
+        out[label] = max(scored)[2]
     return out
 
 
