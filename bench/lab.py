@@ -118,11 +118,19 @@ class Lab:
         """One round on ``snapshot`` from ``base`` (the base model, or an earlier round's saved model to train
         on): (trained model for inference, thresholds tuned on its validation and training videos, training
         seconds[, the saved model's directory with ``with_path``]). Split, examples, the retry of a run that
-        ends at chance and the thresholds as run_round makes them."""
+        ends at chance and the thresholds (on the validation videos and the training videos up to
+        ``RoundSettings.tune_windows`` windows) as run_round makes them; ``self.cuts``: other threshold rules
+        on the same scores."""
         import torch
 
         from workers.rounds.corrections import split_ids, video_key
-        from workers.rounds.run import checked_only, train_until_learned, tune_thresholds, window_examples
+        from workers.rounds.run import (
+            checked_only,
+            train_until_learned,
+            tune_thresholds,
+            tuning_videos,
+            window_examples,
+        )
         from workers.schemas import RoundSettings, TrainSettings
         from workers.stllm.io import load_model, save_model
         from workers.stllm.train import Example, TrainOptions
@@ -174,7 +182,9 @@ class Lab:
         thresholds = {}
         self.cuts = {}
         if val_ids:
-            scored = self.probabilities(model, base, [by_id[i] for i in val_ids + train_ids])
+            counts = {i: len(self.features(base, by_id[i])[0].spans) for i in train_ids}
+            tuning = tuning_videos(counts, RoundSettings().tune_windows)  # the training videos a round scores
+            scored = self.probabilities(model, base, [by_id[i] for i in val_ids + tuning])
             scored = {i: checked_only(r, by_id[i]) for i, r in scored.items()}
             gt = {i: list(by_id[i].segments) for i in scored}
             thresholds = tune_thresholds(scored, gt, self.names, self.p)
