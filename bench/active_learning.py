@@ -65,6 +65,15 @@ def subset(snapshot, ids: list[str]):
     return Snapshot(labels=snapshot.labels, videos=chosen, sources=snapshot.sources).frozen()
 
 
+def events(snapshot, ids: list[str]) -> str:
+    """How many events of each label the videos ``ids`` hold (what a pick gave the round to learn from)."""
+    from collections import Counter
+
+    chosen = set(ids)
+    counts = Counter(s.label for v in snapshot.videos if v.video_id in chosen for s in v.segments)
+    return " ".join(f"{label.name[:6]} {counts[label.name]}" for label in snapshot.labels)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=["line", "scenes"], choices=["line", "scenes"])
@@ -102,7 +111,11 @@ def main() -> None:
                 )
                 m = lab.measure(model, base, heldout, th, train_s)
                 curve["random"].setdefault(budget, []).append(m.map50)
-                print(f"  random       seed {seed} budget {budget:>2}: mAP@0.5 {m.map50:.3f}", flush=True)
+                print(
+                    f"  random       seed {seed} budget {budget:>2}: mAP@0.5 {m.map50:.3f}"
+                    f"  events {events(pool, order[:budget])}",
+                    flush=True,
+                )
 
             picked: list[str] = []
             model, th = load_model(base, dtype="auto"), {}
@@ -117,7 +130,11 @@ def main() -> None:
                 model, th, train_s = lab.train(subset(pool, picked), base, {"steps": args.steps}, seed)
                 m = lab.measure(model, base, heldout, th, train_s)
                 curve["uncertainty"].setdefault(budget, []).append(m.map50)
-                print(f"  uncertainty  seed {seed} budget {budget:>2}: mAP@0.5 {m.map50:.3f}", flush=True)
+                print(
+                    f"  uncertainty  seed {seed} budget {budget:>2}: mAP@0.5 {m.map50:.3f}"
+                    f"  events {events(pool, picked)}",
+                    flush=True,
+                )
 
     print("\nheld-out mAP@0.5 after one round on the picked videos, mean ± sd over seeds", args.seeds)
     print(f"{'set':<8}{'picks':<13}" + "".join(f"{f'{b} videos':>18}" for b in args.budgets))
