@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from workers.sinks.files import connect_wal
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS corrections (
     project INTEGER NOT NULL, annotation TEXT NOT NULL, stamp TEXT NOT NULL,
@@ -39,9 +41,8 @@ class RoundLedger:
 
     @contextmanager
     def _db(self, immediate: bool = False):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db = connect_wal(self.path)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a counted correction survives a power cut
             if immediate:
                 db.execute("BEGIN IMMEDIATE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -318,3 +319,30 @@ def test_predict_in_interactive_mode_answers_like_a_batch_call(backend):
         },
     )
     assert r.status_code == 200 and r.json["results"] == [[]] and r.json["model_version"] == "tiny@base"
+
+
+def _open_ledger_and_store(args: tuple) -> str:
+    """One process of many starting at once on the same fresh state (what gunicorn's workers do)."""
+    state, barrier = args
+    from labelstudio_backend.ledger import RoundLedger
+    from workers.sinks.files import SqliteStore
+
+    barrier.wait(30)
+    RoundLedger(Path(state) / "rounds.sqlite")
+    SqliteStore(Path(state) / "predictions.sqlite").write([{"video": "v", "model_version": "m"}])
+    return "ok"
+
+
+def test_processes_opening_fresh_state_together_all_start(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = 6
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with ctx.Pool(n) as pool:
+            assert pool.map(_open_ledger_and_store, [(str(tmp_path), barrier)] * n) == ["ok"] * n
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "rounds.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -7,6 +7,7 @@ import json
 import logging
 import operator
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,6 +88,26 @@ class AppendLog:
         return list(latest.values())
 
 
+def connect_wal(path: str | os.PathLike, timeout: float = 30.0):
+    """A connection (autocommit; BEGIN yourself) to the SQLite file ``path`` in WAL mode, safe to call from
+    several processes at once. Switching a new file to WAL takes a lock that SQLite does not wait for: two
+    processes starting together (gunicorn's workers) can get "database is locked" at once, so the switch is
+    retried until ``timeout``. Once the file is in WAL mode it stays so and the call is only a read."""
+    import sqlite3
+
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return db
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                db.close()
+                raise
+            time.sleep(0.05)
+
+
 class SqliteStore:
     """Records keyed by (video, model version) in SQLite (WAL mode): the same interface as
     :class:`JsonlSink`, but a write touches its own rows and a lookup reads only the keys asked for, so
@@ -97,11 +118,8 @@ class SqliteStore:
         self.path = Path(path)
 
     def _db(self):
-        import sqlite3
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        db = connect_wal(self.path)
         db.execute(
             "CREATE TABLE IF NOT EXISTS records (video TEXT NOT NULL, model_version TEXT NOT NULL, "
             "record TEXT NOT NULL, PRIMARY KEY (video, model_version))"
