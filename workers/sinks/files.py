@@ -7,6 +7,7 @@ import json
 import logging
 import operator
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,13 +89,11 @@ class AppendLog:
         return list(latest.values())
 
 
-def connect_wal(path: str | os.PathLike, timeout: float = 30.0):
+def connect_wal(path: str | os.PathLike, timeout: float = 30.0) -> sqlite3.Connection:
     """A connection (autocommit; BEGIN yourself) to the SQLite file ``path`` in WAL mode, safe to call from
     several processes at once. Switching a new file to WAL takes a lock that SQLite does not wait for: two
     processes starting together (gunicorn's workers) can get "database is locked" at once, so the switch is
     retried until ``timeout``. Once the file is in WAL mode it stays so and the call is only a read."""
-    import sqlite3
-
     db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
     deadline = time.monotonic() + timeout
     while True:
