@@ -29,9 +29,10 @@ class Measured:
 
 class Lab:
     """Rounds on cached features. ``labels``: the event vocabulary (EventLabel list); ``windows``: the
-    round's {"window_s", "stride_s"}."""
+    round's {"window_s", "stride_s"}; ``cuts``: each :meth:`train` also tunes the other threshold rules
+    (``self.cuts``)."""
 
-    def __init__(self, work: Path, labels, windows: dict):
+    def __init__(self, work: Path, labels, windows: dict, cuts: bool = False):
         from workers.schemas import PrelabelSettings
 
         self.work, self.labels = work, labels
@@ -40,6 +41,7 @@ class Lab:
         self.p = PrelabelSettings().resolved(windows)
         self._bases: dict[str, Path] = {}
         self._feats: dict[tuple[str, str], tuple] = {}
+        self.want_cuts, self.cuts = cuts, {}
 
     def base(self, spec_changes: dict | None = None, config_changes: dict | None = None) -> Path:
         """A saved fresh builtin model with these spec and STLLMConfig changes (built once)."""
@@ -188,12 +190,13 @@ class Lab:
             scored = {i: checked_only(r, by_id[i]) for i, r in scored.items()}
             gt = {i: list(by_id[i].segments) for i in scored}
             thresholds = tune_thresholds(scored, gt, self.names, self.p)
-            self.cuts = {  # other threshold rules on the same scores (bench/levers.py --cuts)
-                "tuned": thresholds,
-                "smooth1": tune_thresholds(scored, gt, self.names, self.p, smooth=1),
-                "smooth2": tune_thresholds(scored, gt, self.names, self.p, smooth=2),
-                "at0.5": dict.fromkeys(self.names, 0.5),
-            }
+            if self.want_cuts:
+                self.cuts = {  # other threshold rules on the same scores (bench/levers.py --cuts)
+                    "tuned": thresholds,
+                    "smooth1": tune_thresholds(scored, gt, self.names, self.p, smooth=1),
+                    "smooth2": tune_thresholds(scored, gt, self.names, self.p, smooth=2),
+                    "at0.5": dict.fromkeys(self.names, 0.5),
+                }
         return (model, thresholds, train_s, out) if with_path else (model, thresholds, train_s)
 
     def measure(self, model, base: Path, heldout, thresholds: dict, train_s: float = 0.0) -> Measured:

@@ -132,7 +132,7 @@ def main() -> None:
     labels, sets = event_data(args.set, args.work)
     snap = sets["batch1"] if args.round == 1 else accumulate(sets["batch1"], sets["batch2"])
     windows = choose_windows(snap)
-    lab = Lab(args.work, labels, windows)
+    lab = Lab(args.work, labels, windows, cuts=args.cuts)
     print(
         f"{args.set}, round {args.round}: {len(snap.videos)} corrected videos, windows {windows}", flush=True
     )
@@ -142,7 +142,7 @@ def main() -> None:
     shared_r1: dict[int, Path] = {}  # seed -> round 1 at the defaults (--continue-only)
 
     def record(name: str, seed: int, model, base: Path, thresholds: dict, train_s: float) -> None:
-        cuts = lab.cuts if args.cuts and lab.cuts else {"": thresholds}
+        cuts = lab.cuts or {"": thresholds}
         for cut, m in lab.measure_cuts(model, base, sets["heldout"], cuts, train_s).items():
             key = f"{name} @{cut}" if cut else name
             results.setdefault(key, []).append(m)
