@@ -13,12 +13,14 @@ the videos not yet corrected and ``workers.review.next_batch`` picks up to the b
 At each budget one round trains fresh on every video picked so far (seed s, the product's settings, a
 validation split by video for thresholds) and is measured on the held-out set: mAP@0.5. Both strategies use
 the windows the whole pool's events give (so the features are encoded once). Prints both curves as a table
-(mean ± sd over seeds) and writes a PNG.
+(mean ± sd over seeds) and writes a PNG of every set's curve: each set's is kept in ``--work`` as
+``curve-<set>.json``, so sets run one at a time share the plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shlex
 import sys
@@ -141,6 +143,15 @@ def main() -> None:
     for name, curve in curves.items():
         for strategy, by_budget in curve.items():
             print(f"{name:<8}{strategy:<13}" + "".join(f"{mean_sd(by_budget[b]):>18}" for b in args.budgets))
+    for name, curve in curves.items():  # each set's curve kept, so one PNG shows sets run at different times
+        (args.work / f"curve-{name}.json").write_text(json.dumps(curve))
+    for saved in sorted(args.work.glob("curve-*.json")):
+        name = saved.stem.removeprefix("curve-")
+        if name not in curves:
+            print(f"(the plot also shows the {name} curve saved in {saved})")
+            curves[name] = {
+                k: {int(b): v for b, v in c.items()} for k, c in json.loads(saved.read_text()).items()
+            }
     _plot(curves, args.budgets, args.png)
     print(f"\nwrote {args.png}; {time.perf_counter() - t0:.0f} s in all")
     print(f"command: .venv/bin/python bench/active_learning.py {shlex.join(sys.argv[1:])}")

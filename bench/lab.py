@@ -126,13 +126,7 @@ class Lab:
         import torch
 
         from workers.rounds.corrections import split_ids, video_key
-        from workers.rounds.run import (
-            checked_only,
-            train_until_learned,
-            tune_thresholds,
-            tuning_videos,
-            window_examples,
-        )
+        from workers.rounds.run import train_until_learned, tune_thresholds, window_examples
         from workers.schemas import RoundSettings, TrainSettings
         from workers.stllm.io import load_model, save_model
         from workers.stllm.train import Example, TrainOptions
@@ -172,11 +166,7 @@ class Lab:
         if len(attempts) > 1:
             print(f"      attempts: {attempts}", flush=True)
         train_s = time.perf_counter() - t
-        out = (
-            self.work
-            / "models"
-            / f"{base.name}-{hashlib.sha1(repr(sorted((train_changes or {}).items())).encode()).hexdigest()[:6]}-{len(snapshot.videos)}-s{seed}"
-        )
+        out = self.model_dir(base, train_changes, len(snapshot.videos), seed)
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_model(model, out, version="lab")
@@ -184,11 +174,7 @@ class Lab:
         thresholds = {}
         self.cuts = {}
         if val_ids:
-            counts = {i: len(self.features(base, by_id[i])[0].spans) for i in train_ids}
-            tuning = tuning_videos(counts, RoundSettings().tune_windows)  # the training videos a round scores
-            scored = self.probabilities(model, base, [by_id[i] for i in val_ids + tuning])
-            scored = {i: checked_only(r, by_id[i]) for i, r in scored.items()}
-            gt = {i: list(by_id[i].segments) for i in scored}
+            scored, gt = self.tuning_scores(model, base, snapshot)
             thresholds = tune_thresholds(scored, gt, self.names, self.p)
             if self.want_cuts:
                 self.cuts = {  # other threshold rules on the same scores (bench/levers.py --cuts)
@@ -198,6 +184,27 @@ class Lab:
                     "at0.5": dict.fromkeys(self.names, 0.5),
                 }
         return (model, thresholds, train_s, out) if with_path else (model, thresholds, train_s)
+
+    def tuning_scores(self, model, base: Path, snapshot) -> tuple[dict, dict]:
+        """(video id -> PrelabelResult, video id -> corrected segments) of the videos a round tunes its
+        thresholds on, scored by ``model``: the validation split and the training videos up to
+        ``RoundSettings.tune_windows`` windows, each with only the labels it was checked for."""
+        from workers.rounds.corrections import split_ids, video_key
+        from workers.rounds.run import checked_only, tuning_videos
+        from workers.schemas import RoundSettings
+
+        by_id = {v.video_id: v for v in snapshot.videos}
+        train_ids, val_ids = split_ids(list(by_id), group=lambda i: video_key(by_id[i].video))
+        counts = {i: len(self.features(base, by_id[i])[0].spans) for i in train_ids}
+        tuning = tuning_videos(counts, RoundSettings().tune_windows)  # the training videos a round scores
+        scored = self.probabilities(model, base, [by_id[i] for i in val_ids + tuning])
+        scored = {i: checked_only(r, by_id[i]) for i, r in scored.items()}
+        return scored, {i: list(by_id[i].segments) for i in scored}
+
+    def model_dir(self, start: Path, train_changes: dict | None, n_videos: int, seed: int) -> Path:
+        """Where :meth:`train` saves the model it trains from ``start`` on ``n_videos`` corrected videos."""
+        changes = hashlib.sha1(repr(sorted((train_changes or {}).items())).encode()).hexdigest()[:6]
+        return self.work / "models" / f"{start.name}-{changes}-{n_videos}-s{seed}"
 
     def measure(self, model, base: Path, heldout, thresholds: dict, train_s: float = 0.0) -> Measured:
         """Held-out mAP@0.5, per-label AP@0.5 and window ROC-AUC of ``model`` cut at ``thresholds``."""
