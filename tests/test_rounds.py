@@ -133,14 +133,38 @@ def test_a_training_run_at_chance_is_judged_diverged_and_a_learning_one_is_not()
     assert diverged(learning[:-2] + [{"ce": math.nan}] * 2)  # a loss gone to NaN is no lesson learned
 
 
+def test_a_run_that_answers_every_window_alike_is_judged_diverged_even_below_chance():
+    from workers.rounds.run import diverged
+
+    # soft targets whose video-blind answer (each label's base rate) scores 0.61: a run ending at 0.60 is
+    # below ln 2 but learned nothing from the pictures; one ending at 0.40 did
+    flat = [{"ce": 0.60, "blind_ce": 0.61}] * 100
+    learned = [{"ce": 0.40, "blind_ce": 0.61}] * 100
+    assert diverged(flat) and not diverged(learned)
+    assert not diverged([{"ce": 0.60}] * 100)  # a run without the record is judged against ln 2
+
+
+def test_the_video_blind_cross_entropy_is_what_each_questions_mean_target_scores():
+    from workers.stllm.train import input_blind_ce
+
+    balanced = [([(0, 0), (0, 1)], ["a"], [[1.0], [0.0]])] * 3
+    assert input_blind_ce(balanced) == pytest.approx([math.log(2)] * 3)
+    # question a: targets 0.2 / 0.2 (mean 0.2); b: 1 / 0 / -1 (no answer, left out; mean 0.5)
+    batches = [([(0, 0), (0, 1)], ["a", "b"], [[0.2, 1.0], [0.2, 0.0]]), ([(0, 2)], ["b"], [[-1.0]])]
+    h = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8))
+    assert input_blind_ce(batches) == pytest.approx([(2 * h + 2 * math.log(2)) / 4, math.log(2)])
+
+
 def test_a_round_whose_training_diverges_starts_again_at_another_seed_and_half_the_rate(store, snapshot):
     # a learning rate no run survives (at 50 a run sometimes ends below chance by luck; at 1e4 none does):
-    # every attempt ends at or above chance or in NaN (its final_ce None), and each one is on the record
+    # every attempt ends at or above the video-blind answer's level or in NaN (its final_ce None), and each one is on the record
     result = run_round(store, snapshot, quick_settings(steps=8, lr=1e4))
     attempts = store.read()["versions"][result.version]["attempts"]
     assert [(a["seed"], a["lr"]) for a in attempts] == [(0, 1e4), (1, 5e3)]
     assert all(a["diverged"] for a in attempts)
-    assert all(a["final_ce"] is None or a["final_ce"] >= 0.95 * math.log(2) for a in attempts)
+    assert all(
+        a["final_ce"] is None or a["final_ce"] >= 0.95 * (a["blind_ce"] or math.log(2)) for a in attempts
+    )
     assert not result.promoted and "did not learn" in result.reason  # held, whatever it measures
 
 

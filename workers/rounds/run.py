@@ -187,13 +187,16 @@ def _tail_ce(history: list[dict]) -> float:
 
 def diverged(history: list[dict], answer_choices: bool = True) -> bool:
     """Whether a training run learned nothing: the mean answer cross-entropy over its last quarter of steps is
-    at or above 95% of chance (ln 2). Rounds draw yes and no equally often, so a model that has learned
-    anything scores below it; one above it answers confidently wrong. Only for the yes/no cross-entropy
-    (``answer_choices``); a run of under 8 steps is too short to judge. A run whose loss went to NaN or
-    infinity diverged too."""
+    at or above 95% of what a model that ignores the video scores (``blind_ce``, each question answered with
+    its mean target: :func:`workers.stllm.train.input_blind_ce`; ln 2 where a run did not record it, as yes
+    and no are drawn equally often). A run at that level answers every window alike: with soft targets it
+    sits well below ln 2 and still knows nothing. Only for the yes/no cross-entropy (``answer_choices``); a
+    run of under 8 steps is too short to judge. A run whose loss went to NaN or infinity diverged too."""
     if not answer_choices or len(history) < 8:
         return False
-    return not _tail_ce(history) < 0.95 * CHANCE_CE
+    tail = history[-max(2, len(history) // 4) :]
+    blind = float(np.mean([r.get("blind_ce", CHANCE_CE) for r in tail]))
+    return not _tail_ce(history) < 0.95 * blind
 
 
 def train_until_learned(
@@ -226,11 +229,13 @@ def train_until_learned(
             where.mkdir(parents=True, exist_ok=True)
         history = train(model, feats, examples, options, where, progress)
         failed, tail = diverged(history, options.answer_choices), _tail_ce(history)
+        blind = [r["blind_ce"] for r in history[-max(2, len(history) // 4) :] if "blind_ce" in r]
         attempts.append(
             {
                 "seed": options.seed,
                 "lr": options.lr,
                 "final_ce": round(tail, 4) if math.isfinite(tail) else None,
+                "blind_ce": round(float(np.mean(blind)), 4) if blind else None,
                 "diverged": failed,
             }
         )

@@ -161,6 +161,32 @@ def question_batches(
     return out
 
 
+def input_blind_ce(batches: list[tuple[list, list[str], list[list[float]]]]) -> list[float]:
+    """Per batch of :func:`question_batches`: the answer cross-entropy of the best model that ignores the
+    video, the one that answers each question with its mean target over all the batches. A run that learned
+    nothing from the pictures ends there, not at ln 2: with soft targets (or any question whose targets do
+    not average 0.5) a model that answers each label's base rate already scores below chance."""
+    sums: dict[str, list[float]] = {}
+    for _, questions, targets in batches:
+        for row in targets:
+            for q, y in zip(questions, row, strict=True):
+                if y >= 0:
+                    acc = sums.setdefault(q, [0.0, 0.0])
+                    acc[0] += y
+                    acc[1] += 1
+    mean = {q: min(max(a / n, 1e-6), 1 - 1e-6) for q, (a, n) in sums.items()}
+    out = []
+    for _, questions, targets in batches:
+        terms = [
+            -(y * math.log(mean[q]) + (1 - y) * math.log(1 - mean[q]))
+            for row in targets
+            for q, y in zip(questions, row, strict=True)
+            if y >= 0
+        ]
+        out.append(sum(terms) / len(terms) if terms else math.log(2))
+    return out
+
+
 def fit_input_statistics(model: STLLM, videos: list[WindowFeatures], most: int = 1024) -> None:
     """Fit a connector's input standardizer (the builtin's ``"standardize"``) on the training windows' features,
     up to ``most`` windows spread evenly over them (the cost does not grow with the round). Nothing for a
@@ -236,6 +262,7 @@ def _train(
     if settings.all_questions and not settings.answer_choices:
         raise ValueError("all_questions reads each answer as yes or no: it needs answer_choices")
     batches = (question_batches if settings.all_questions else balanced_batches)(examples, settings)
+    blind = input_blind_ce(batches) if settings.all_questions and settings.answer_choices else None
     yes_no = [model.text_ids("yes")[0], model.text_ids("no")[0]]
     if settings.all_questions and yes_no[0] == yes_no[1]:
         raise ValueError("'yes' and 'no' share their first token: train with all_questions=False")
@@ -276,6 +303,8 @@ def _train(
         opt.step()
         sched.step()
         record = {k: round(float(v.detach()), 5) for k, v in out.items()}
+        if blind is not None:
+            record["blind_ce"] = round(blind[step], 5)
         history.append(record)
         if progress:
             progress(step + 1, record)
