@@ -349,6 +349,31 @@ def test_stllm_up_starts_redis_a_worker_and_the_labelstudio_backend_and_stops_th
             socket.create_connection(("127.0.0.1", p), timeout=0.5).close()
 
 
+def test_ctrl_c_is_a_clean_stop_even_when_a_child_ends_before_the_supervisor_sees_it():
+    from workers.pool.processes import run_children
+
+    # Ctrl-C reaches the whole process group; a child may end (with 0) before the supervisor's own signal
+    # handler runs. Here a child signals the supervisor and ends at once, beside one that would run on.
+    quick = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getppid(), signal.SIGINT)"]
+    )
+    long = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        assert run_children([quick, long]) == 0
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert long.poll() is not None  # stopped, not left behind
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # a child ending by itself is a failure
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert run_children([ended, sleeper]) == 1
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_broker_messages_do_not_grow_with_the_job(redis_server):
     """Each task carries its own videos and their part of the sink's mapping; what the job shares is stored
     once. 40 and 400 videos: the same message size (no worker runs: the messages stay queued)."""

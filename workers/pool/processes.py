@@ -108,7 +108,9 @@ def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen
 def run_children(children: list[subprocess.Popen]) -> int:
     """Wait for the children; on Ctrl-C/SIGTERM stop them all (warm shutdown: running tasks finish or,
     with late acks, go back to the queue) and return 0. If a child ends by itself, stop the others and
-    return its exit status."""
+    return its exit status (1 for a child that ended with 0: a service does not end by itself). Ctrl-C in a
+    terminal reaches the children too, and one may end before this process has seen the signal: that is
+    still a stop, not a failure."""
     stopping = False
 
     def stop(*_):
@@ -116,13 +118,11 @@ def run_children(children: list[subprocess.Popen]) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     died = None
-    try:
-        while not stopping and died is None:
-            died = next((c for c in children if c.poll() is not None), None)
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    while not stopping and died is None:
+        died = next((c for c in children if c.poll() is not None), None)
+        time.sleep(0.5)
     for c in children:
         if c.poll() is None:
             c.send_signal(signal.SIGTERM)
@@ -131,6 +131,8 @@ def run_children(children: list[subprocess.Popen]) -> int:
             c.wait(60)
         except subprocess.TimeoutExpired:
             c.kill()
+    if stopping:
+        return 0
     return (died.returncode or 1) if died is not None else 0
 
 
