@@ -157,14 +157,14 @@ def test_the_video_blind_cross_entropy_is_what_each_questions_mean_target_scores
 
 def test_a_round_whose_training_diverges_starts_again_at_another_seed_and_half_the_rate(store, snapshot):
     # a learning rate no run survives (at 50 a run sometimes ends below chance by luck; at 1e4 none does):
-    # every attempt ends at or above the video-blind answer's level or in NaN (its final_ce None), and each one is on the record
+    # every attempt ends at or above the video-blind answer's level or in NaN (its final_ce None), and each
+    # one is on the record
     result = run_round(store, snapshot, quick_settings(steps=8, lr=1e4))
     attempts = store.read()["versions"][result.version]["attempts"]
     assert [(a["seed"], a["lr"]) for a in attempts] == [(0, 1e4), (1, 5e3)]
     assert all(a["diverged"] for a in attempts)
-    assert all(
-        a["final_ce"] is None or a["final_ce"] >= 0.95 * (a["blind_ce"] or math.log(2)) for a in attempts
-    )
+    assert all(a["blind_ce"] > 0 for a in attempts)  # what a video-blind answer scores, recorded
+    assert all(a["final_ce"] is None or a["final_ce"] >= 0.95 * a["blind_ce"] for a in attempts)
     assert not result.promoted and "did not learn" in result.reason  # held, whatever it measures
 
 

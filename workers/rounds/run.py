@@ -180,9 +180,20 @@ def _predict(
 CHANCE_CE = math.log(2)  # cross-entropy of a 50/50 answer to a yes/no question
 
 
+def _tail(history: list[dict]) -> list[dict]:
+    """A run's last quarter of steps (at least 2): what judges how it ended."""
+    return history[-max(2, len(history) // 4) :]
+
+
 def _tail_ce(history: list[dict]) -> float:
-    """The mean answer cross-entropy over a run's last quarter of steps (at least 2)."""
-    return float(np.mean([r["ce"] for r in history[-max(2, len(history) // 4) :]])) if history else math.nan
+    """The mean answer cross-entropy over a run's last quarter of steps."""
+    return float(np.mean([r["ce"] for r in _tail(history)])) if history else math.nan
+
+
+def _tail_blind_ce(history: list[dict]) -> float | None:
+    """The mean video-blind cross-entropy (``blind_ce``) over a run's last quarter; None where not recorded."""
+    blind = [r["blind_ce"] for r in _tail(history) if "blind_ce" in r]
+    return float(np.mean(blind)) if blind else None
 
 
 def diverged(history: list[dict], answer_choices: bool = True) -> bool:
@@ -194,9 +205,8 @@ def diverged(history: list[dict], answer_choices: bool = True) -> bool:
     run of under 8 steps is too short to judge. A run whose loss went to NaN or infinity diverged too."""
     if not answer_choices or len(history) < 8:
         return False
-    tail = history[-max(2, len(history) // 4) :]
-    blind = float(np.mean([r.get("blind_ce", CHANCE_CE) for r in tail]))
-    return not _tail_ce(history) < 0.95 * blind
+    blind = _tail_blind_ce(history)
+    return not _tail_ce(history) < 0.95 * (CHANCE_CE if blind is None else blind)
 
 
 def train_until_learned(
@@ -229,13 +239,13 @@ def train_until_learned(
             where.mkdir(parents=True, exist_ok=True)
         history = train(model, feats, examples, options, where, progress)
         failed, tail = diverged(history, options.answer_choices), _tail_ce(history)
-        blind = [r["blind_ce"] for r in history[-max(2, len(history) // 4) :] if "blind_ce" in r]
+        blind = _tail_blind_ce(history)
         attempts.append(
             {
                 "seed": options.seed,
                 "lr": options.lr,
                 "final_ce": round(tail, 4) if math.isfinite(tail) else None,
-                "blind_ce": round(float(np.mean(blind)), 4) if blind else None,
+                "blind_ce": None if blind is None else round(blind, 4),
                 "diverged": failed,
             }
         )

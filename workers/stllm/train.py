@@ -262,10 +262,10 @@ def _train(
     if settings.all_questions and not settings.answer_choices:
         raise ValueError("all_questions reads each answer as yes or no: it needs answer_choices")
     batches = (question_batches if settings.all_questions else balanced_batches)(examples, settings)
-    blind = input_blind_ce(batches) if settings.all_questions and settings.answer_choices else None
     yes_no = [model.text_ids("yes")[0], model.text_ids("no")[0]]
     if settings.all_questions and yes_no[0] == yes_no[1]:
         raise ValueError("'yes' and 'no' share their first token: train with all_questions=False")
+    blind = input_blind_ce(batches) if settings.all_questions else None  # what a video-blind answer scores
     choices = None
     if settings.answer_choices:
         answers = sorted({ex.answer for ex in examples})
