@@ -160,6 +160,23 @@ def test_the_window_gate_promotes_sharper_probabilities_and_holds_back_no_change
     assert not hand_falls(hand_worse).promote
 
 
+def test_a_wide_window_interval_with_map_clearly_up_and_windows_better_is_a_clear_gain():
+    # the second event set's round 1 on 3 validation videos: window error falls by +0.035 [-0.001, +0.097],
+    # mAP@0.5 +0.393 [+0.333, +0.415]
+    agree = decide(
+        "round-1", "base", {}, {}, 0.393, (0.333, 0.415), window_gain=0.035, window_interval=(-0.001, 0.097)
+    )
+    assert agree.promote and "mAP@0.5 is clearly up and the windows improve" in agree.reason
+    worse = decide(
+        "round-1", "base", {}, {}, 0.393, (0.333, 0.415), window_gain=-0.01, window_interval=(-0.05, 0.02)
+    )
+    assert not worse.promote and "not clearly above" in worse.reason  # the windows say otherwise: held
+    unclear = decide(
+        "round-1", "base", {}, {}, 0.1, (-0.05, 0.3), window_gain=0.035, window_interval=(-0.001, 0.097)
+    )
+    assert not unclear.promote  # neither interval clear
+
+
 def corrected(vid: str, segments: list[Segment]) -> CorrectedVideo:
     return CorrectedVideo(
         video_id=vid, video=f"/v/{vid}.mp4", fps=10.0, n_frames=300, duration=30.0, segments=segments

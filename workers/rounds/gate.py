@@ -418,7 +418,9 @@ def decide(
 ) -> GateDecision:
     """The gate's decision from both versions' per-label AP@0.5 and the bootstrap interval of the gain: the
     window error's (``window_gain``/``window_interval``, from :func:`bootstrap_window_gain`) where given, else
-    mAP@0.5's (``gain``/``interval``, from :func:`bootstrap_gain`). A label the serving version knew is lost
+    mAP@0.5's (``gain``/``interval``, from :func:`bootstrap_gain`). Where the window interval is not clear of
+    ``margin`` but mAP@0.5's is and the window gain is positive, the two agree and the gain counts as clear (on
+    3 validation videos the window interval can span 0 while every resample's mAP@0.5 is up). A label the serving version knew is lost
     when its AP@0.5 falls by more than ``label_drop`` and its ``label_intervals`` entry (label -> interval of
     its change, positive = better: of its own window error from :func:`bootstrap_window_gain` when gating on
     windows, of its AP from :func:`bootstrap_gain` otherwise) lies below 0 too: on a few validation events
@@ -435,6 +437,10 @@ def decide(
     }
     on_windows = window_interval is not None
     clear = (window_interval if on_windows else interval)[0] > margin
+    # a few validation videos can leave the window interval wide while every resample's mAP@0.5 is up: the
+    # two agree (mAP clearly up, the windows better at the point estimate), and that is a clear gain too
+    by_map = on_windows and not clear and interval[0] > margin and (window_gain or 0.0) > 0
+    clear = clear or by_map
     promote = (clear and not lost and learned) or force
     why = f"{candidate_name} vs {served_name}: "
     if on_windows:
@@ -452,6 +458,8 @@ def decide(
         )
     elif not clear:
         why += f"; the {'window' if on_windows else 'mAP@0.5'} gain is not clearly above {margin:+.3f}"
+    elif by_map:
+        why += f"; the window interval includes {margin:+.3f}, mAP@0.5 is clearly up and the windows improve"
     if not learned:
         why += "; its training did not learn (every attempt ended at chance)"
     if force and not (clear and not lost and learned):
