@@ -18,7 +18,8 @@ tuning videos' scores only):
                   covered share a window is trained toward)
     edges@best    per label the better of edges at the threshold and at 0.5, with the threshold tuned for each
 
-Then, at the tuned thresholds, each seed's per-label AP of both rounds on the demo's 12 held-out videos, on 12
+The scores are kept in ``--work``/cut_rules.pkl, so a new rule costs seconds; delete it after training the
+models again. Then, at the tuned thresholds, each seed's per-label AP of both rounds on the demo's 12 held-out videos, on 12
 more from the same generator (the next seeds, ``--work``/heldout_b) and on all 24.
 """
 
