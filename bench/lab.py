@@ -120,7 +120,7 @@ class Lab:
         """One round on ``snapshot`` from ``base`` (the base model, or an earlier round's saved model to train
         on): (trained model for inference, thresholds tuned on its validation and training videos, training
         seconds[, the saved model's directory with ``with_path``]). Split, examples, the retry of a run that
-        ends at chance and the thresholds (on the validation videos and the training videos up to
+        learned nothing and the thresholds (on the validation videos and the training videos up to
         ``RoundSettings.tune_windows`` windows) as run_round makes them; ``self.cuts``: other threshold rules
         on the same scores."""
         import torch
@@ -154,7 +154,7 @@ class Lab:
                     flush=True,
                 )
 
-        model, _, attempts = train_until_learned(  # with a round's retry of a run that ends at chance
+        model, _, attempts = train_until_learned(  # with a round's retry of a run that learned nothing
             model,
             lambda: load_model(base, dtype="auto", trainable=True),
             feats,

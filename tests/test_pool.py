@@ -361,15 +361,11 @@ def test_ctrl_c_is_a_clean_stop_even_when_a_child_ends_before_the_supervisor_see
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         assert run_children([quick, long]) == 0
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
-    assert long.poll() is not None  # stopped, not left behind
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # a child ending by itself is a failure
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
+        assert long.poll() is not None  # stopped, not left behind
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])  # a child ending by itself is a failure
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         assert run_children([ended, sleeper]) == 1
-    finally:
+    finally:  # run_children installs its handlers in this process
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
 

@@ -382,8 +382,8 @@ class RoundSettings(BaseModel):
     )  # a window is a 'yes' for a label when events cover this share
     no_overlap: float = Field(0.0, ge=0, le=1)  # ... and a 'no' when they cover at most this share
     force: bool = False
-    # a training run whose answer cross-entropy ends at chance starts again (fresh, another seed, half the
-    # learning rate) up to this many times; the version records every attempt
+    # a training run whose answer cross-entropy ends no better than a video-blind answer starts again (fresh,
+    # another seed, half the learning rate) up to this many times; the version records every attempt
     retries: int = Field(1, ge=0, le=3)
     # after the round, the version serving then pre-labels up to ``next_pool`` of the candidate videos (drawn
     # at random, seeded) and reports the ``next_batch`` most worth correcting (workers.review.next_batch)

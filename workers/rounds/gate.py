@@ -420,12 +420,13 @@ def decide(
     window error's (``window_gain``/``window_interval``, from :func:`bootstrap_window_gain`) where given, else
     mAP@0.5's (``gain``/``interval``, from :func:`bootstrap_gain`). Where the window interval is not clear of
     ``margin`` but mAP@0.5's is and the window gain is positive, the two agree and the gain counts as clear (on
-    3 validation videos the window interval can span 0 while every resample's mAP@0.5 is up). A label the serving version knew is lost
-    when its AP@0.5 falls by more than ``label_drop`` and its ``label_intervals`` entry (label -> interval of
-    its change, positive = better: of its own window error from :func:`bootstrap_window_gain` when gating on
-    windows, of its AP from :func:`bootstrap_gain` otherwise) lies below 0 too: on a few validation events
-    a label's AP falls by chance, its windows' error does not; without intervals the point drop decides.
-    ``learned=False`` (the candidate's training ended at chance, :func:`workers.rounds.run.diverged`) holds
+    3 validation videos the window interval can span 0 while every resample's mAP@0.5 is up). A label the
+    serving version knew is lost when its AP@0.5 falls by more than ``label_drop`` and its
+    ``label_intervals`` entry (label -> interval of its change, positive = better: of its own window error
+    from :func:`bootstrap_window_gain` when gating on windows, of its AP from :func:`bootstrap_gain`
+    otherwise) lies below 0 too: on a few validation events a label's AP falls by chance, its windows' error
+    does not; without intervals the point drop decides.
+    ``learned=False`` (the candidate's training learned nothing, :func:`workers.rounds.run.diverged`) holds
     it whatever it measures, unless forced. ``statistic`` names what ``window_gain`` measures: "windows", the
     fall in window error (:func:`bootstrap_window_gain`), or "ranking", the rise in window ROC-AUC
     (:func:`bootstrap_auc_gain`, whose per-label intervals then go in ``label_intervals``)."""
@@ -461,7 +462,7 @@ def decide(
     elif by_map:
         why += f"; the window interval includes {margin:+.3f}, mAP@0.5 is clearly up and the windows improve"
     if not learned:
-        why += "; its training did not learn (every attempt ended at chance)"
+        why += "; its training did not learn (every attempt ended no better than a video-blind answer)"
     if force and not (clear and not lost and learned):
         why += " (forced)"
     return GateDecision(

@@ -11,7 +11,8 @@
               label-balanced, each answering every label's question in one sequence; the served
               version's LoRA + projector + global-local MLP + MVM head trained on (fresh ones on the base
               model with ``train_from="base"``), masking + MVM on by default, seeded, resumable; a run that
-              learned nothing (answer cross-entropy at chance over its last quarter) starts again once
+              learned nothing (answer cross-entropy over its last quarter no better than answering each
+              label's base rate, :func:`diverged`) starts again once
               at another seed and half the learning rate (``retries``)
     thresholds each label's P(yes) threshold, chosen on the validation and training videos
     gate      candidate vs serving version on the validation split (workers.rounds.gate): a bootstrap
